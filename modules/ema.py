@@ -1,0 +1,38 @@
+"""Exponential moving average of a model's weights (Polyak averaging).
+
+Kept as a full copy of the model, as in k-diffusion and NVlabs/edm, rather than diffusers'
+`EMAModel` (a list of tensors): the copy saves with `save_pretrained` as safetensors inside
+checkpoints and exports, so no pickle is ever needed to resume or share EMA weights.
+"""
+
+import copy
+
+import torch
+from torch import nn
+
+
+class EMA(nn.Module):
+    """Shadow weights w_ema <- d * w_ema + (1 - d) * w, with the usual warm-up
+    d_t = min(decay, (1 + t) / (10 + t)) so early, random weights fade fast.
+
+    Args:
+        model: the (unwrapped) model to average; copied, never modified.
+        decay: the decay d once warmed up, e.g. 0.999.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        super().__init__()
+        self.averaged = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay = decay
+        self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        t = int(self.num_updates)
+        decay = min(self.decay, (1 + t) / (10 + t))
+        ema_params = list(self.averaged.parameters())
+        params = [p.detach().to(e.dtype) for p, e in zip(model.parameters(), ema_params)]
+        torch._foreach_lerp_(ema_params, params, 1.0 - decay)  # one fused kernel per dtype/device
+        for ema_buffer, buffer in zip(self.averaged.buffers(), model.buffers()):
+            ema_buffer.copy_(buffer)
+        self.num_updates += 1

@@ -1,0 +1,272 @@
+"""One typed schema for every run: YAML block = dataclass = saved config.yaml, key for key.
+
+A run config names the data and an ordered list of stages; each stage names its kind (looked
+up in the registry, which also supplies the kind's `model:` dataclass) and its `training:`
+block. Parsing fails before any work on an unknown key, a wrong type or an impossible value,
+with a message that names the key and what would be valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from .data import DataConfig
+
+
+class ConfigError(ValueError):
+    """A config file, key or value that cannot be used; the message says where and why."""
+
+
+@dataclass
+class TrainingConfig:
+    """The `training:` block of a stage: one schema for the one training loop."""
+
+    max_steps: int = 1000
+    batch_size: int = 32  # per process
+    learning_rate: float = 1e-4
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 0.0
+    adam_epsilon: float = 1e-8
+    lr_scheduler: Literal["constant", "cosine"] = "cosine"
+    lr_warmup_steps: int = 0
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: Optional[float] = 1.0
+    ema_decay: Optional[float] = None
+    log_every: int = 10
+    sample_every: Optional[int] = None
+    num_preview_images: int = 64
+    checkpointing_steps: Optional[int] = None
+    checkpoints_total_limit: Optional[int] = 2
+    resume_from_checkpoint: Optional[str] = None  # "latest" or a checkpoint folder
+    num_workers: int = 0
+
+    def __post_init__(self):
+        _require(self.max_steps >= 1, "max_steps", self.max_steps, "an integer >= 1")
+        _require(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
+        _require(self.learning_rate > 0, "learning_rate", self.learning_rate, "a number > 0")
+        _require(0 <= self.adam_beta1 < 1, "adam_beta1", self.adam_beta1, "a number in [0, 1)")
+        _require(0 <= self.adam_beta2 < 1, "adam_beta2", self.adam_beta2, "a number in [0, 1)")
+        _require(self.lr_warmup_steps >= 0, "lr_warmup_steps", self.lr_warmup_steps, "an integer >= 0")
+        _require(self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps",
+                 self.gradient_accumulation_steps, "an integer >= 1")
+        _require(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm",
+                 self.max_grad_norm, "a number > 0 or null")
+        _require(self.ema_decay is None or 0 < self.ema_decay < 1, "ema_decay", self.ema_decay,
+                 "a number in (0, 1) or null")
+        _require(self.log_every >= 1, "log_every", self.log_every, "an integer >= 1")
+        for key in ("sample_every", "checkpointing_steps", "checkpoints_total_limit"):
+            value = getattr(self, key)
+            _require(value is None or value >= 1, key, value, "an integer >= 1 or null")
+        _require(self.num_workers >= 0, "num_workers", self.num_workers, "an integer >= 0")
+
+
+@dataclass
+class StageConfig:
+    """One entry of `stages:`. `model` is the dataclass its kind registers (see registry.py)."""
+
+    name: str
+    kind: str
+    model: Any = None
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+
+
+@dataclass
+class RunConfig:
+    """A whole job: data, then stages trained in order, each into `output_dir/<stage name>/`."""
+
+    output_dir: str = "runs/default"
+    seed: int = 0
+    # Process-wide Accelerate settings (one Accelerator per job). auto: fp32 on CPU (bf16
+    # autocast measured 5-9x slower than fp32 there), bf16 on GPUs that support it, else fp16.
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
+    device: Literal["auto", "cpu"] = "auto"
+    log_with: Literal["auto", "none", "tensorboard"] = "auto"  # auto: tensorboard when installed
+    data: DataConfig = field(default_factory=DataConfig)
+    stages: list[StageConfig] = field(default_factory=list)
+
+    def stage(self, name: str) -> StageConfig:
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        raise ConfigError(f"stages: no stage named {name!r}; stages are {[s.name for s in self.stages]}")
+
+
+def _require(ok: bool, key: str, value: Any, valid: str) -> None:
+    if not ok:
+        raise ValueError(f"{key}: {value!r} is not valid; expected {valid}")
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML run config, apply `key.sub=value` overrides, validate it against the schema."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of run keys at the top level, got {type(raw).__name__}")
+    for override in overrides:
+        apply_override(raw, override)
+    try:
+        return parse_run_config(raw)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+def parse_run_config(raw: dict) -> RunConfig:
+    raw = dict(raw)
+    stages = raw.pop("stages", [])
+    if not isinstance(stages, list) or not stages:
+        raise ConfigError("stages: expected a non-empty list of stages, each with `name` and `kind`")
+    config = _build(RunConfig, raw, "")
+    config.stages = [_parse_stage(stage, f"stages[{i}]") for i, stage in enumerate(stages)]
+    names = [s.name for s in config.stages]
+    duplicated = sorted({n for n in names if names.count(n) > 1})
+    if duplicated:
+        raise ConfigError(f"stages: stage names must be unique; repeated: {duplicated}")
+    return config
+
+
+def _parse_stage(raw: Any, where: str) -> StageConfig:
+    from .registry import get_stage_kind  # the registry imports stage modules, which import this one
+
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping with `name` and `kind`, got {raw!r}")
+    raw = dict(raw)
+    for key in ("name", "kind"):
+        if not isinstance(raw.get(key), str):
+            raise ConfigError(f"{where}.{key}: required, a string")
+    where = f"stages.{raw['name']}"
+    try:
+        kind = get_stage_kind(raw["kind"])
+    except KeyError as err:
+        raise ConfigError(f"{where}.kind: {err.args[0]}") from None
+    model = _build(kind.model_config, raw.pop("model", None) or {}, f"{where}.model")
+    stage = _build(StageConfig, raw, where)
+    stage.model = model
+    return stage
+
+
+def _build(cls: type, raw: Any, where: str):
+    """Instantiate dataclass `cls` from a mapping, checking keys and types recursively."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping of {cls.__name__} keys, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key in raw:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{_join(where, key)}: unknown key{hint}; valid keys: {', '.join(fields)}")
+    values = {key: _coerce(hints[key], value, _join(where, key)) for key, value in raw.items()
+              if not (cls is StageConfig and key == "model")}
+    try:
+        return cls(**values)
+    except ValueError as err:
+        prefix = f"{where}." if where and not str(err).startswith(f"{where}.") else ""
+        raise ConfigError(f"{prefix}{err}") from None
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return value
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        errors = []
+        for option in options:
+            try:
+                return _coerce(option, value, where)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of {options}")
+    if origin is Literal:
+        if value in args and type(value) in {type(a) for a in args}:
+            return value
+        raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        item = args[0] if args else Any
+        return origin(_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value))
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):  # YAML reads 1e-4 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if isinstance(hint, type) and isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
+        return value
+    name = getattr(hint, "__name__", str(hint))
+    raise ConfigError(f"{where}: expected {name}, got {value!r} ({type(value).__name__})")
+
+
+def _join(where: str, key: Any) -> str:
+    return f"{where}.{key}" if where else str(key)
+
+
+# --------------------------------------------------------------------------- overrides
+
+
+def apply_override(raw: dict, override: str) -> None:
+    """Set `a.b.c=value` in a raw config mapping; `stages.NAME.x=v` addresses a stage by name.
+
+    The value is read as YAML, so `true`, `3`, `1e-4`, `[32, 64]` and `null` keep their types.
+    """
+    if "=" not in override:
+        raise ConfigError(f"override {override!r}: expected key.sub=value")
+    dotted, text = override.split("=", 1)
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {override!r}: value is not valid YAML: {err}") from None
+    keys = dotted.strip().split(".")
+    node: Any = raw
+    for depth, key in enumerate(keys[:-1]):
+        if isinstance(node, list):  # the stages list, addressed by stage name
+            matches = [s for s in node if isinstance(s, dict) and s.get("name") == key]
+            if not matches:
+                names = [s.get("name") for s in node if isinstance(s, dict)]
+                raise ConfigError(f"override {override!r}: no stage named {key!r}; stages are {names}")
+            node = matches[0]
+        else:
+            if node.get(key) is None:  # absent, or left empty in YAML (`model:`)
+                node[key] = {}
+            node = node[key]
+        if not isinstance(node, (dict, list)):
+            raise ConfigError(f"override {override!r}: {'.'.join(keys[:depth + 1])} is not a mapping")
+    if isinstance(node, list):
+        raise ConfigError(f"override {override!r}: name a key inside a stage, e.g. stages.NAME.training.max_steps")
+    node[keys[-1]] = value
+
+
+# --------------------------------------------------------------------------- saving
+
+
+def config_to_dict(config: Any) -> dict:
+    return dataclasses.asdict(config)
+
+
+def save_config(config: Any, path: str | Path) -> None:
+    """Write the resolved config; `load_config` on the result gives an equal config."""
+    Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))

@@ -1,0 +1,15 @@
+"""The one registry of stage kinds. Adding a family is one module plus one line here."""
+
+from .stages.base import Stage
+from .stages.vae import VAEStage
+
+STAGE_KINDS: dict[str, type[Stage]] = {
+    VAEStage.kind: VAEStage,
+}
+
+
+def get_stage_kind(kind: str) -> type[Stage]:
+    try:
+        return STAGE_KINDS[kind]
+    except KeyError:
+        raise KeyError(f"unknown stage kind {kind!r}; known kinds: {', '.join(STAGE_KINDS)}") from None

@@ -1,0 +1,1 @@
+"""Stage kinds: each module defines one `Stage` subclass and its `model:` config dataclass."""

@@ -1,0 +1,67 @@
+"""What the one training loop needs from a stage kind."""
+
+from __future__ import annotations
+
+import abc
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from ..data import DataSplits
+
+if TYPE_CHECKING:
+    from ..config import StageConfig
+
+
+class Stage(abc.ABC):
+    """A stage kind: builds its training module, evaluates, previews and exports it.
+
+    The training module's `forward(x)` returns named loss terms; `"loss"` is the one minimised.
+    Everything else (optimizer, precision, distribution, checkpoints) is the trainer's, which
+    calls `evaluate`, `preview` and `finalize` with the unwrapped model inside a forked, seeded
+    RNG, so they may draw random numbers freely without shifting the training run's stream.
+
+    Args:
+        config: the stage's block of the run config (`model` is an instance of `model_config`).
+        data: the run's data splits.
+    """
+
+    kind: ClassVar[str]
+    model_config: ClassVar[type]
+
+    def __init__(self, config: StageConfig, data: DataSplits):
+        self.config = config
+        self.data = data
+
+    @abc.abstractmethod
+    def build_model(self) -> nn.Module:
+        """A fresh training module; its forward(x) returns {"loss": scalar, other terms...}."""
+
+    def training_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What the training module sees for a (augmented) data batch, e.g. dequantized pixels."""
+        return x
+
+    @abc.abstractmethod
+    def evaluate(self, model: nn.Module, loader, accelerator: Accelerator) -> dict[str, float]:
+        """Validation metrics over `loader` (all processes call this)."""
+
+    @abc.abstractmethod
+    def preview(self, model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1], (N, C, H, W), rows of 8: what a person looks at during training."""
+
+    def finalize(self, model: nn.Module, loader, accelerator: Accelerator) -> dict[str, float]:
+        """Work after the last step, before export (all processes call this)."""
+        return {}
+
+    @abc.abstractmethod
+    def export(self, model: nn.Module, stage_dir: Path) -> None:
+        """Write the trained networks in diffusers layout (`save_pretrained`, safetensors)."""
+
+    @classmethod
+    @abc.abstractmethod
+    def sample(cls, stage_dir: Path, num_samples: int, generator: torch.Generator,
+               device: torch.device) -> torch.Tensor:
+        """Images in [-1, 1] from an exported stage folder."""

@@ -1,0 +1,141 @@
+"""Stage 1: the VAE auto-encoder (seed part IV), exported as a stock diffusers `AutoencoderKL`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from diffusers import AutoencoderKL
+
+from ...modules.likelihood import bits_per_dim, dequantize
+from ...modules.vae import GaussianVAE, make_autoencoder
+from .base import Stage
+
+
+@dataclass
+class VAEModelConfig:
+    """The `model:` block of a `kind: vae` stage."""
+
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
+    latent_channels: int = 4
+    layers_per_block: int = 1
+    norm_num_groups: int = 32
+    decoder_log_var: float = 0.0
+    learn_decoder_variance: bool = True
+    kl_weight: float = 1.0
+    # Train and evaluate on uniformly dequantized pixels, so the ELBO bounds a density on
+    # continuous data and bits/dim are comparable with flows (modules/likelihood.py).
+    dequantize: bool = True
+
+    def __post_init__(self):
+        if not self.block_out_channels or any(c < 1 for c in self.block_out_channels):
+            raise ValueError(f"block_out_channels: {self.block_out_channels!r} is not valid; "
+                             "expected a non-empty list of positive widths, e.g. [32, 64, 64]")
+        bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
+        if bad:
+            raise ValueError(f"norm_num_groups: {self.norm_num_groups} does not divide the widths {bad} "
+                             f"of block_out_channels {self.block_out_channels}")
+        if self.latent_channels < 1:
+            raise ValueError(f"latent_channels: {self.latent_channels!r} is not valid; expected an integer >= 1")
+        if self.kl_weight < 0:
+            raise ValueError(f"kl_weight: {self.kl_weight!r} is not valid; expected a number >= 0")
+
+    @property
+    def downsampling_factor(self) -> int:
+        return 2 ** (len(self.block_out_channels) - 1)
+
+
+class VAEStage(Stage):
+    kind = "vae"
+    model_config = VAEModelConfig
+
+    def __init__(self, config, data):
+        super().__init__(config, data)
+        if data.kind != "image":
+            raise ValueError(f"stages.{config.name}: a vae stage needs image data, got {data.kind} data")
+        channels, height, width = data.sample_shape
+        factor = config.model.downsampling_factor
+        if height % factor or width % factor:
+            raise ValueError(
+                f"stages.{config.name}.model.block_out_channels: {len(config.model.block_out_channels)} blocks "
+                f"downsample by {factor}, which does not divide the resolution {height}x{width}")
+
+    def build_model(self) -> GaussianVAE:
+        cfg = self.config.model
+        channels, resolution, _ = self.data.sample_shape
+        autoencoder = make_autoencoder(channels, resolution, cfg.block_out_channels, cfg.latent_channels,
+                                       cfg.layers_per_block, cfg.norm_num_groups)
+        return GaussianVAE(autoencoder, cfg.decoder_log_var, cfg.learn_decoder_variance, cfg.kl_weight)
+
+    def training_input(self, x: torch.Tensor) -> torch.Tensor:
+        return dequantize(x) if self.config.model.dequantize else x
+
+    @torch.no_grad()
+    def evaluate(self, model: GaussianVAE, loader, accelerator: Accelerator) -> dict[str, float]:
+        """The true bound (beta = 1) on the validation split: negative ELBO in nats and bits/dim,
+        its reconstruction and KL terms, and the mean squared error of the posterior-mean reconstruction."""
+        sums = torch.zeros(4, dtype=torch.float64, device=accelerator.device)
+        count = 0
+        for batch in loader:
+            x = self.training_input(batch["x"])
+            with accelerator.autocast():
+                terms = model.terms(x)
+                recon = model.autoencoder.decode(model.autoencoder.encode(x).latent_dist.mean).sample
+            mse = (recon.float() - x).pow(2).flatten(1).mean(1)
+            per_datum = torch.stack([terms["nll"] + terms["kl"], terms["nll"], terms["kl"], mse], 1)
+            per_datum = accelerator.gather_for_metrics(per_datum)
+            sums += per_datum.double().sum(0)
+            count += per_datum.shape[0]
+        neg_elbo, nll, kl, mse = (sums / count).tolist()
+        num_dims = int(torch.tensor(self.data.sample_shape).prod())
+        metrics = {"neg_elbo_nats": neg_elbo, "recon_nll_nats": nll, "kl_nats": kl, "recon_mse": mse,
+                   "decoder_log_var": float(model.decoder_log_var)}
+        if self.config.model.dequantize:
+            metrics["neg_elbo_bits_per_dim"] = bits_per_dim(neg_elbo, num_dims)
+        return metrics
+
+    @torch.no_grad()
+    def preview(self, model: GaussianVAE, batch: torch.Tensor) -> torch.Tensor:
+        """Rows: 8 validation images, their reconstructions (twice), then decoded prior samples."""
+        x = batch[:16]
+        recon = model.autoencoder.decode(model.autoencoder.encode(x).latent_dist.mean).sample
+        pairs = torch.stack([x.view(2, 8, *x.shape[1:]), recon.view(2, 8, *x.shape[1:])], 1)
+        samples = _decode_prior(model.autoencoder, 32, None, x.device)
+        return torch.cat([pairs.flatten(0, 2), samples]).clamp(-1, 1)
+
+    @torch.no_grad()
+    def finalize(self, model: GaussianVAE, loader, accelerator: Accelerator) -> dict[str, float]:
+        """Latent scaling factor for stage 2: 1 / std of the posterior means over the training set
+        (what latent diffusion calls `scaling_factor`; saved in the VAE's config.json)."""
+        moments = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
+        for batch in loader:
+            with accelerator.autocast():
+                z = model.autoencoder.encode(batch["x"]).latent_dist.mean.double()
+            moments += torch.stack([z.sum(), z.pow(2).sum(), torch.tensor(z.numel(), device=z.device)])
+        total, total_sq, n = accelerator.reduce(moments, reduction="sum").tolist()
+        std = (total_sq / n - (total / n) ** 2) ** 0.5
+        model.autoencoder.register_to_config(scaling_factor=1.0 / std)
+        return {"latent_std": std, "scaling_factor": 1.0 / std}
+
+    def export(self, model: GaussianVAE, stage_dir: Path) -> None:
+        model.autoencoder.save_pretrained(stage_dir / "vae", safe_serialization=True)
+
+    @classmethod
+    @torch.no_grad()
+    def sample(cls, stage_dir: Path, num_samples: int, generator: torch.Generator,
+               device: torch.device) -> torch.Tensor:
+        autoencoder = AutoencoderKL.from_pretrained(stage_dir / "vae").to(device).eval()
+        return _decode_prior(autoencoder, num_samples, generator, device).clamp(-1, 1)
+
+
+def _decode_prior(autoencoder: AutoencoderKL, num_samples: int, generator: torch.Generator | None,
+                  device: torch.device) -> torch.Tensor:
+    """x_hat(z) for z ~ N(0, I): the VAE's own generative model (mean of p(x|z))."""
+    cfg = autoencoder.config
+    size = cfg.sample_size // 2 ** (len(cfg.block_out_channels) - 1)
+    shape = (num_samples, cfg.latent_channels, size, size)
+    z = torch.randn(shape, generator=generator, device=generator.device if generator else device).to(device)
+    return autoencoder.decode(z).sample
+

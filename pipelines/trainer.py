@@ -1,0 +1,217 @@
+"""The one training loop: every stage kind trains here, on Accelerate.
+
+Reads top to bottom: data loaders, model, optimizer and schedule, `prepare`, resume, the
+`accumulate` loop (loss, backward, clip, step, EMA), logging, previews and checkpoints, then
+evaluation, export and metrics. A stage kind only supplies the training module and what to
+evaluate, preview and export (stages/base.py).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from diffusers.optimization import get_scheduler
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ..modules.ema import EMA
+from .checkpoint import read_trainer_state, resolve_checkpoint, save_checkpoint
+from .config import RunConfig, save_config
+from .data import augment
+from .images import save_grid
+from .stages.base import Stage
+
+logger = logging.getLogger(__name__)
+
+LR_SCHEDULES = {"constant": "constant_with_warmup", "cosine": "cosine"}  # ours -> diffusers' names
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or inf; the message names the step and the last good checkpoint."""
+
+
+def train_stage(accelerator: Accelerator, stage: Stage, run: RunConfig,
+                stage_dir: Path) -> tuple[torch.nn.Module, dict[str, float]]:
+    """Train one stage into `stage_dir`; return the final model (EMA weights if any, on every
+    process) and its validation metrics."""
+    cfg = stage.config.training
+    name = stage.config.name
+    checkpoints_dir = stage_dir / "checkpoints"
+    accelerator.gradient_accumulation_steps = cfg.gradient_accumulation_steps
+
+    # Data. The seeded sampler reshuffles per epoch from (seed, epoch) alone, and the loader's own
+    # generator keeps it from drawing on the global RNG, so resuming replays the same batches.
+    train_loader = DataLoader(stage.data.train, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
+                              num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(run.seed))
+    val_loader = DataLoader(stage.data.validation, batch_size=cfg.batch_size, num_workers=cfg.num_workers)
+    if len(train_loader) // accelerator.num_processes < 1:
+        raise ValueError(f"stages.{name}.training.batch_size: {cfg.batch_size} x {accelerator.num_processes} "
+                         f"process(es) is larger than the {len(stage.data.train)} training examples")
+
+    # Model: identical initial weights on every process; noise streams differ per process below.
+    set_seed(run.seed)
+    model = stage.build_model()
+    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay else None
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
+                                  betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay,
+                                  eps=cfg.adam_epsilon, foreach=True)
+    # A prepared scheduler steps once per process per optimizer step (as in diffusers' examples).
+    lr_scheduler = get_scheduler(LR_SCHEDULES[cfg.lr_scheduler], optimizer,
+                                 num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=cfg.max_steps * accelerator.num_processes)
+    model, optimizer, train_loader, val_loader, lr_scheduler = accelerator.prepare(
+        model, optimizer, train_loader, val_loader, lr_scheduler)
+    if ema is not None:
+        ema.to(accelerator.device)
+    set_seed(run.seed, device_specific=True)
+
+    step = 0
+    checkpoint = resolve_checkpoint(cfg.resume_from_checkpoint, checkpoints_dir)
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))  # model, optimizer, schedule, RNG states
+        step = read_trainer_state(checkpoint)["step"]
+        if ema is not None:
+            ema.load_state_dict(load_file(checkpoint / "ema.safetensors"))
+        accelerator.print(f"[{name}] resumed from {checkpoint} at step {step}")
+
+    def write_checkpoint_extras(folder: Path) -> None:
+        save_config(run, folder / "config.yaml")
+        if ema is not None:
+            save_file(ema.state_dict(), folder / "ema.safetensors")
+
+    preview_batch = torch.stack([stage.data.validation[i]["x"] for i in range(min(16, len(stage.data.validation)))])
+    images_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes
+    batches = _endless_batches(train_loader, accelerator, first_batch=step * cfg.gradient_accumulation_steps)
+    progress = tqdm(total=cfg.max_steps, initial=step, desc=name, disable=not accelerator.is_local_main_process)
+    meter = _LossMeter(accelerator)
+    started = time.perf_counter()
+    model.train()
+    while step < cfg.max_steps:
+        batch = next(batches)
+        with accelerator.accumulate(model):
+            terms = model(stage.training_input(augment(batch["x"], run.data)))
+            accelerator.backward(terms["loss"])
+            if accelerator.sync_gradients and cfg.max_grad_norm is not None:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        meter.add(terms)
+        if not accelerator.sync_gradients:
+            continue
+        step += 1
+        progress.update(1)
+        if ema is not None:
+            ema.update(accelerator.unwrap_model(model))
+
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            logs = meter.flush(step, name, checkpoints_dir)  # raises NonFiniteLossError
+            logs["images_per_s"] = images_per_step * logs.pop("steps") / logs.pop("seconds")
+            logs["lr"] = lr_scheduler.get_last_lr()[0]
+            progress.set_postfix(loss=f"{logs['loss']:.4g}", img_s=f"{logs['images_per_s']:.0f}")
+            accelerator.log({f"{name}/{k}": v for k, v in logs.items()}, step=step)
+            if accelerator.is_main_process:
+                with open(stage_dir / "history.jsonl", "a") as f:
+                    f.write(json.dumps({"step": step, **logs}) + "\n")
+        if cfg.sample_every and step % cfg.sample_every == 0 and accelerator.is_main_process:
+            _save_preview(stage, _eval_model(accelerator, model, ema), preview_batch, run.seed,
+                          stage_dir / "samples" / f"step-{step:06d}.png")
+        if cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0:
+            meter.flush(step, name, checkpoints_dir, keep=True)  # never checkpoint NaN weights
+            save_checkpoint(accelerator, checkpoints_dir, step, write_checkpoint_extras, cfg.checkpoints_total_limit)
+    progress.close()
+    train_seconds = time.perf_counter() - started
+
+    final = _eval_model(accelerator, model, ema)
+    final.eval()
+    with isolated_rng(run.seed):
+        metrics = stage.evaluate(final, val_loader, accelerator)
+        metrics.update(stage.finalize(final, _ordered_loader(stage.data.train, cfg, accelerator), accelerator))
+    metrics["train_seconds"] = train_seconds
+    accelerator.log({f"{name}/val/{k}": v for k, v in metrics.items()}, step=step)
+    if accelerator.is_main_process:
+        stage.export(final, stage_dir)
+        _save_preview(stage, final, preview_batch, run.seed, stage_dir / "samples.png")
+        (stage_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    accelerator.wait_for_everyone()
+    return final, metrics
+
+
+@contextmanager
+def isolated_rng(seed: int):
+    """Run a block with its own seeded RNG and restore the training stream afterwards."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def _endless_batches(loader, accelerator: Accelerator, first_batch: int):
+    """Batches epoch after epoch, starting at `first_batch` (counted from the start of training)."""
+    epoch, skip = divmod(first_batch, len(loader))
+    while True:
+        loader.set_epoch(epoch)
+        yield from accelerator.skip_first_batches(loader, skip) if skip else loader
+        epoch, skip = epoch + 1, 0
+
+
+def _ordered_loader(dataset, cfg, accelerator: Accelerator):
+    return accelerator.prepare(DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers))
+
+
+def _eval_model(accelerator: Accelerator, model, ema: EMA | None):
+    return ema.averaged if ema is not None else accelerator.unwrap_model(model)
+
+
+@torch.no_grad()
+def _save_preview(stage: Stage, model, batch: torch.Tensor, seed: int, path: Path) -> None:
+    was_training = model.training
+    model.eval()
+    with isolated_rng(seed):
+        images = stage.preview(model, batch.to(next(model.parameters()).device))
+    save_grid(images, path, nrow=8)
+    model.train(was_training)
+
+
+class _LossMeter:
+    """Sums loss terms on the device and syncs with the host only when logging, so steps never
+    wait on `.item()`; a NaN anywhere in the window makes the sum NaN and is caught then."""
+
+    def __init__(self, accelerator: Accelerator):
+        self.accelerator = accelerator
+        self._reset()
+
+    def _reset(self):
+        self.sums, self.micro_batches, self.steps, self.started = {}, 0, 0, time.perf_counter()
+
+    def add(self, terms: dict[str, torch.Tensor]) -> None:
+        for key, value in terms.items():
+            value = value.detach().float()
+            self.sums[key] = self.sums[key] + value if key in self.sums else value
+        self.micro_batches += 1
+        self.steps += self.accelerator.sync_gradients
+
+    def flush(self, step: int, stage_name: str, checkpoints_dir: Path, keep: bool = False) -> dict[str, float]:
+        keys = list(self.sums)
+        if not keys:
+            return {}
+        means = self.accelerator.reduce(torch.stack([self.sums[k] for k in keys]), reduction="mean")
+        logs = dict(zip(keys, (means / self.micro_batches).tolist()))
+        if not math.isfinite(logs["loss"]):
+            raise NonFiniteLossError(
+                f"stage {stage_name!r}: loss became {logs['loss']} by step {step}; stopped without saving. "
+                f"The last good checkpoint (if any) is the newest under {checkpoints_dir}; "
+                "resume with training.resume_from_checkpoint=latest and a lower learning rate")
+        logs.update(steps=self.steps, seconds=time.perf_counter() - self.started)
+        if not keep:
+            self._reset()
+        return logs

@@ -1,0 +1,75 @@
+"""One schema validates every run: errors name the key and what would be valid."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stagediff.pipelines.config import ConfigError, load_config, parse_run_config, save_config
+from stagediff.pipelines.registry import get_stage_kind
+from stagediff.pipelines.data import load_data
+
+from conftest import tiny_vae_config
+
+CONFIGS = sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.yaml"))
+
+
+def write(tmp_path, raw) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda c: c["stages"][0]["training"].update(max_stpes=3), r"stages\.vae\.training\.max_stpes: unknown key \(did you mean 'max_steps'\?\); valid keys: max_steps, batch_size"),
+    (lambda c: c.update(sede=1), r"sede: unknown key \(did you mean 'seed'\?\)"),
+    (lambda c: c["stages"][0]["model"].update(latent_chanels=4), r"stages\.vae\.model\.latent_chanels: unknown key.*valid keys: block_out_channels"),
+    (lambda c: c["stages"][0]["training"].update(batch_size="big"), r"stages\.vae\.training\.batch_size: expected int, got 'big'"),
+    (lambda c: c["stages"][0]["training"].update(learning_rate=-1.0), r"stages\.vae\.training\.learning_rate: -1\.0 is not valid; expected a number > 0"),
+    (lambda c: c["stages"][0].update(kind="vea"), r"stages\.vae\.kind: unknown stage kind 'vea'; known kinds: vae"),
+    (lambda c: c.update(mixed_precision="fp8"), r"mixed_precision: 'fp8' is not one of \['auto', 'no', 'fp16', 'bf16'\]"),
+    (lambda c: c["data"].update(resolution=0), r"data\.resolution=0 is invalid"),
+    (lambda c: c["stages"][0]["model"].update(block_out_channels=[8, 12]), r"stages\.vae\.model\.norm_num_groups: 8 does not divide the widths \[12\]"),
+    (lambda c: c.update(stages=[]), r"stages: expected a non-empty list"),
+])
+def test_config_errors_name_the_key(tmp_path, mutate, message):
+    raw = tiny_vae_config(tmp_path)
+    mutate(raw)
+    with pytest.raises(ConfigError, match=message) as err:
+        load_config(write(tmp_path, raw))
+    assert str(tmp_path / "run.yaml") in str(err.value)  # and the file
+
+
+def test_malformed_yaml_names_the_file(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("stages: [\n  - name: vae\n")
+    with pytest.raises(ConfigError, match=r"broken\.yaml: not valid YAML"):
+        load_config(path)
+
+
+def test_overrides_keep_types_and_address_stages_by_name(tmp_path):
+    path = write(tmp_path, tiny_vae_config(tmp_path))
+    config = load_config(path, ["stages.vae.training.max_steps=7", "stages.vae.training.learning_rate=3e-4",
+                                "stages.vae.model.block_out_channels=[8, 8]", "seed=3", "data.random_flip=true"])
+    stage = config.stage("vae")
+    assert (stage.training.max_steps, stage.training.learning_rate, config.seed) == (7, 3e-4, 3)
+    assert stage.model.block_out_channels == [8, 8] and config.data.random_flip is True
+    with pytest.raises(ConfigError, match=r"no stage named 'unet'; stages are \['vae'\]"):
+        load_config(path, ["stages.unet.training.max_steps=1"])
+    with pytest.raises(ConfigError, match=r"stages\.vae\.training\.max_step: unknown key"):
+        load_config(path, ["stages.vae.training.max_step=1"])
+
+
+def test_saved_config_loads_back_equal(tmp_path):
+    config = parse_run_config(tiny_vae_config(tmp_path))
+    save_config(config, tmp_path / "saved.yaml")
+    assert load_config(tmp_path / "saved.yaml") == config
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_shipped_config_loads_and_builds(path, tmp_path):
+    config = load_config(path, [f"output_dir={tmp_path}", "data.max_train_samples=64"])
+    data = load_data(config.data)
+    for stage_config in config.stages:
+        stage = get_stage_kind(stage_config.kind)(stage_config, data)
+        assert sum(p.numel() for p in stage.build_model().parameters()) > 0

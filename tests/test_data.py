@@ -1,0 +1,332 @@
+"""Offline tests of stagediff.pipelines.data: every source through load_data, the shared
+datasets.Dataset conversion, config validation and batch augmentation."""
+
+import io
+import re
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from stagediff.pipelines.data import (
+    BadImageError,
+    DataConfig,
+    augment,
+    hf_image_samples,
+    load_data,
+    split_indices,
+)
+
+# Solid colours survive any resize unchanged, so each item's pixels identify its source file.
+WHITE, RED, GREEN, BLUE = (255, 255, 255), (255, 0, 0), (0, 255, 0), (0, 0, 255)
+# PIL's luma: L = (299 R + 587 G + 114 B) / 1000, rounded.
+LUMA = {WHITE: 255, RED: 76, GREEN: 150, BLUE: 29}
+
+
+def pixel_values(x: torch.Tensor) -> torch.Tensor:
+    """Back from [-1, 1] to 8-bit values (k / 127.5 - 1 inverted)."""
+    return torch.round((x + 1) * 127.5).long()
+
+
+def all_items(splits):
+    return [splits.train[i] for i in range(len(splits.train))] + [
+        splits.validation[i] for i in range(len(splits.validation))
+    ]
+
+
+def save_image(path: Path, mode: str, size: tuple[int, int], color: tuple[int, int, int]) -> Path:
+    """A solid-colour image file in one of the modes a folder may mix."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if mode == "P":
+        image = Image.new("P", size, 0)
+        image.putpalette(list(color) + [0, 0, 0] * 255)
+        image.info["transparency"] = 1  # an unused palette index: exercises the P -> RGBA path
+    elif mode == "RGBA":
+        image = Image.new("RGBA", size, color + (128,))
+    else:
+        image = Image.new("RGB", size, color).convert(mode)
+    image.save(path)
+    return path
+
+
+def noise_png_bytes(size: int = 64) -> bytes:
+    """A valid PNG whose pixel data is large enough that cutting it in half truncates it."""
+    noise = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(noise).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def mixed_folder(tmp_path) -> Path:
+    """Two classes of tiny PNGs in grayscale, RGB, RGBA and palette modes, all sizes differing."""
+    folder = tmp_path / "images"
+    save_image(folder / "bright" / "gray.png", "L", (20, 30), WHITE)
+    save_image(folder / "bright" / "rgb.png", "RGB", (40, 40), RED)
+    save_image(folder / "dark" / "rgba.png", "RGBA", (17, 9), GREEN)
+    save_image(folder / "dark" / "palette.png", "P", (33, 21), BLUE)
+    return folder
+
+
+@pytest.fixture
+def folder_with_bad_files(mixed_folder) -> tuple[Path, set[str]]:
+    bad = mixed_folder / "dark"
+    (bad / "corrupt.png").write_bytes(np.random.default_rng(1).bytes(300))
+    complete = noise_png_bytes()
+    (bad / "truncated.png").write_bytes(complete[: len(complete) // 2])
+    (bad / "empty.png").write_bytes(b"")
+    return mixed_folder, {str(bad / name) for name in ("corrupt.png", "truncated.png", "empty.png")}
+
+
+# ----------------------------------------------------------------------------- mnist
+
+
+@pytest.fixture(scope="module")
+def mnist():
+    return load_data(DataConfig())
+
+
+def test_mnist_shapes_range_classes_and_split(mnist):
+    assert (len(mnist.train), len(mnist.validation)) == (4500, 500)
+    assert mnist.sample_shape == (1, 32, 32) and mnist.kind == "image" and mnist.num_classes == 10
+    assert mnist.description == "mnist: 4500 train / 500 validation, 1x32x32, 10 classes"
+    item = mnist.train[0]
+    assert item["x"].shape == (1, 32, 32) and item["x"].dtype == torch.float32
+    assert item["label"].dtype == torch.int64 and item["label"].shape == ()
+    batch = torch.stack([mnist.train[i]["x"] for i in range(200)])
+    assert batch.min() == -1 and batch.max() == 1
+    # Zero padding 28 -> 32 leaves a 2-pixel black border.
+    assert (batch[..., :2, :] == -1).all() and (batch[..., :, -2:] == -1).all()
+    validation_labels = torch.stack([item["label"] for item in (mnist.validation[i] for i in range(500))])
+    assert torch.bincount(validation_labels).tolist() == [50] * 10  # stratified
+
+
+def test_mnist_is_deterministic(mnist):
+    again = load_data(DataConfig())
+    assert again.train.indices == mnist.train.indices
+    assert again.validation.indices == mnist.validation.indices
+    for index in (0, 1234, 4499):
+        assert torch.equal(again.train[index]["x"], mnist.train[index]["x"])
+        assert torch.equal(mnist.train[index]["x"], mnist.train[index]["x"])
+
+
+def test_mnist_resizes_replicates_channels_and_truncates():
+    splits = load_data(DataConfig(resolution=16, channels=3, max_train_samples=64))
+    assert splits.sample_shape == (3, 16, 16) and len(splits.train) == 64 and len(splits.validation) == 500
+    x = splits.train[0]["x"]
+    assert x.shape == (3, 16, 16) and torch.equal(x[0], x[1]) and torch.equal(x[1], x[2])
+    # The truncated train split is a random subset, not the first (class-sorted) rows.
+    assert len({int(splits.train[i]["label"]) for i in range(64)}) > 5
+
+
+# ----------------------------------------------------------------------------- splitting
+
+
+def test_split_is_disjoint_complete_stratified_and_seeded():
+    labels = torch.tensor([0] * 80 + [1] * 20)
+    train, validation = split_indices(labels, 0.1, seed=3)
+    assert sorted(train.tolist() + validation.tolist()) == list(range(100))
+    assert torch.bincount(labels[validation]).tolist() == [8, 2]
+    assert torch.equal(split_indices(labels, 0.1, seed=3)[1], validation)
+    assert not torch.equal(split_indices(labels, 0.1, seed=4)[1], validation)
+
+
+# ----------------------------------------------------------------------------- imagefolder
+
+
+@pytest.mark.parametrize(
+    "channels, expected_pixels",
+    [
+        (1, {(LUMA[c],) for c in LUMA}),
+        (3, {WHITE, RED, GREEN, BLUE}),
+        (4, {WHITE + (255,), RED + (255,), GREEN + (128,), BLUE + (255,)}),
+    ],
+)
+def test_imagefolder_converts_every_mode_to_channels_and_resolution(mixed_folder, channels, expected_pixels, recwarn):
+    cfg = DataConfig(source="imagefolder", train_data_dir=str(mixed_folder), resolution=8, channels=channels)
+    splits = load_data(cfg)
+    assert splits.num_classes == 2 and splits.sample_shape == (channels, 8, 8)
+    assert (len(splits.train), len(splits.validation)) == (3, 1)
+    items = all_items(splits)
+    pixels = set()
+    for item in items:
+        assert item["x"].shape == (channels, 8, 8) and item["x"].dtype == torch.float32
+        values = pixel_values(item["x"]).flatten(1)
+        assert (values == values[:, :1]).all()  # solid colour preserved
+        pixels.add(tuple(values[:, 0].tolist()))
+    assert pixels == expected_pixels
+    labels = sorted(int(item["label"]) for item in items)
+    assert labels == [0, 0, 1, 1]
+    assert not [w for w in recwarn if "Palette" in str(w.message)]
+
+
+def test_imagefolder_center_crop_or_plain_resize(tmp_path):
+    # Black | white | black: the centre crop (columns 20-30) sees only white, a plain resize
+    # all three; the white band is wider than the crop so bicubic taps stay inside it.
+    stripes = np.zeros((10, 50), dtype=np.uint8)
+    stripes[:, 15:35] = 255
+    for name in ("a.png", "b.png"):
+        Image.fromarray(stripes).save(tmp_path / name)
+    cropped = load_data(DataConfig(source="imagefolder", train_data_dir=str(tmp_path), resolution=8))
+    squeezed = load_data(
+        DataConfig(source="imagefolder", train_data_dir=str(tmp_path), resolution=8, center_crop=False)
+    )
+    assert cropped.num_classes is None and cropped.train[0]["label"] == -1  # no subfolders: unlabelled
+    assert (cropped.train[0]["x"] == 1).all()
+    x = squeezed.train[0]["x"][0]
+    assert x[:, 0].max() < -0.9 and x[:, 4].min() > 0.9 and x[:, -1].max() < -0.9
+
+
+def test_bad_images_raise_naming_the_file(folder_with_bad_files):
+    folder, bad_paths = folder_with_bad_files
+    splits = load_data(DataConfig(source="imagefolder", train_data_dir=str(folder)))
+    named = set()
+    for split in (splits.train, splits.validation):
+        for index in range(len(split)):
+            try:
+                split[index]
+            except BadImageError as err:
+                assert str(err).startswith(f"{err.name}: cannot read image (")
+                named.add(err.name)
+    assert named == bad_paths
+
+
+def test_skip_bad_images_drops_them_with_one_warning(folder_with_bad_files):
+    folder, bad_paths = folder_with_bad_files
+    cfg = DataConfig(source="imagefolder", train_data_dir=str(folder), skip_bad_images=True)
+    with pytest.warns(UserWarning, match="skipped 3 unreadable image") as caught:
+        splits = load_data(cfg)
+    assert len([w for w in caught if "unreadable" in str(w.message)]) == 1
+    assert any(path in str(caught[0].message) for path in bad_paths)
+    assert len(splits.train) + len(splits.validation) == 4
+    assert all(item["x"].shape == (1, 32, 32) for item in all_items(splits))
+
+
+def test_missing_empty_or_imageless_folder_errors_name_it(tmp_path):
+    missing = tmp_path / "missing"
+    with pytest.raises(FileNotFoundError, match=re.escape(str(missing))):
+        load_data(DataConfig(source="imagefolder", train_data_dir=str(missing)))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match=re.escape(f"{empty} is empty")):
+        load_data(DataConfig(source="imagefolder", train_data_dir=str(empty)))
+    (empty / "notes.txt").write_text("no pictures here")
+    with pytest.raises(ValueError, match=re.escape(f"{empty} holds 1 file(s) but no images")):
+        load_data(DataConfig(source="imagefolder", train_data_dir=str(empty)))
+
+
+# ----------------------------------------------------------------------------- datasets.Dataset (hub)
+
+
+def in_memory_dataset(label_feature) -> datasets.Dataset:
+    colors = [WHITE, RED, GREEN, BLUE, WHITE, RED]
+    features = datasets.Features({"image": datasets.Image(), "label": label_feature})
+    return datasets.Dataset.from_dict(
+        {"image": [Image.new("RGB", (12, 10), c) for c in colors], "label": [0, 1, 2, 0, 1, 2]},
+        features=features,
+    )
+
+
+@pytest.mark.parametrize("label_feature", [datasets.ClassLabel(names=["a", "b", "c"]), datasets.Value("int32")])
+def test_hf_dataset_conversion_reads_images_and_labels(label_feature):
+    samples = hf_image_samples(in_memory_dataset(label_feature), DataConfig(channels=3, resolution=4), "memory")
+    assert samples.num_classes == 3 and samples.labels.tolist() == [0, 1, 2, 0, 1, 2]
+    item = samples.dataset[1]
+    assert item["x"].shape == (3, 4, 4) and item["label"] == 1
+    assert tuple(pixel_values(item["x"])[:, 0, 0].tolist()) == RED
+
+
+def test_hf_dataset_without_label_column_is_unlabelled():
+    rows = in_memory_dataset(datasets.ClassLabel(names=["a", "b", "c"])).remove_columns("label")
+    samples = hf_image_samples(rows, DataConfig(), "memory")
+    assert samples.num_classes is None and samples.labels.tolist() == [-1] * 6
+
+
+def test_hf_dataset_missing_image_column_lists_available_ones():
+    rows = in_memory_dataset(datasets.ClassLabel(names=["a", "b", "c"]))
+    with pytest.raises(ValueError, match=re.escape("data.image_column='picture'")) as error:
+        hf_image_samples(rows, DataConfig(image_column="picture"), "memory")
+    assert "available columns: ['image', 'label']" in str(error.value)
+
+
+def test_hf_dataset_unreadable_bytes_name_the_row():
+    rows = datasets.Dataset.from_dict(
+        {"image": [{"bytes": b"not an image", "path": None}] * 2}, features=datasets.Features({"image": datasets.Image()})
+    )
+    samples = hf_image_samples(rows, DataConfig(), "memory")
+    with pytest.raises(BadImageError, match=r"^row 1: cannot read image"):
+        samples.dataset[1]
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        ({"resolution": 0}, "resolution"),
+        ({"resolution": "32"}, "resolution"),
+        ({"channels": 2}, "channels"),
+        ({"validation_fraction": 1.0}, "validation_fraction"),
+        ({"validation_fraction": 0}, "validation_fraction"),
+        ({"source": "mnst"}, "source"),
+        ({"max_train_samples": 0}, "max_train_samples"),
+        ({"toy_samples": -5}, "toy_samples"),
+        ({"center_crop": "yes"}, "center_crop"),
+        ({"source": "imagefolder"}, "train_data_dir"),
+        ({"source": "hub"}, "dataset_name"),
+    ],
+)
+def test_bad_config_values_name_the_key_and_value(overrides, key):
+    with pytest.raises(ValueError, match=re.escape(f"data.{key}=")) as error:
+        DataConfig(**overrides)
+    value = overrides.get(key)
+    assert repr(value) in str(error.value) and "expected" in str(error.value)
+
+
+# ----------------------------------------------------------------------------- augment
+
+
+def test_augment_flips_about_half_reproducibly():
+    batch = torch.arange(1000 * 2 * 3, dtype=torch.float32).reshape(1000, 1, 2, 3)
+    cfg = DataConfig(random_flip=True)
+    torch.manual_seed(0)
+    out = augment(batch, cfg)
+    flipped = (out == batch.flip(-1)).flatten(1).all(1)
+    kept = (out == batch).flatten(1).all(1)
+    assert (flipped ^ kept).all()  # every image is either untouched or mirrored
+    assert 400 < int(flipped.sum()) < 600
+    torch.manual_seed(0)
+    assert torch.equal(augment(batch, cfg), out)
+
+
+def test_augment_is_identity_when_disabled_or_for_vectors():
+    images = torch.randn(8, 3, 4, 4)
+    assert augment(images, DataConfig(random_flip=False)) is images
+    vectors = torch.randn(8, 2)
+    assert augment(vectors, DataConfig(random_flip=True)) is vectors
+
+
+# ----------------------------------------------------------------------------- toy
+
+
+def test_toy_source_gives_seeded_vectors():
+    pytest.importorskip("stagediff.modules.toy2d")
+    cfg = DataConfig(source="toy", toy="ring8", toy_samples=1000)
+    splits = load_data(cfg)
+    assert splits.kind == "vector" and splits.sample_shape == (2,) and splits.num_classes is None
+    assert (len(splits.train), len(splits.validation)) == (900, 100)
+    assert splits.description == "toy ring8: 900 train / 100 validation, 2-d vectors, unlabelled"
+    item = splits.train[0]
+    assert item["x"].shape == (2,) and item["x"].dtype == torch.float32 and item["label"] == -1
+    assert torch.equal(load_data(cfg).train[0]["x"], item["x"])
+    assert not torch.equal(load_data(DataConfig(source="toy", toy_samples=1000, split_seed=1)).train[0]["x"], item["x"])
+
+
+def test_unknown_toy_name_names_the_key():
+    pytest.importorskip("stagediff.modules.toy2d")
+    with pytest.raises(ValueError, match=r"data\.toy='ring9' is invalid: expected one of \['ring8'"):
+        DataConfig(source="toy", toy="ring9")
