@@ -34,6 +34,10 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n", type=int, default=64, help="number of images (default 64)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="output folder (default MODEL_DIR/generated)")
+    parser.add_argument("--sampler", choices=["ddpm", "ddim", "dpmsolver"], default=None,
+                        help="diffusion sampler (default dpmsolver, i.e. DPM-Solver++); ddpm is the seed's "
+                             "ancestral sampler with all T steps")
+    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default 20; ddpm: all T)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
 
@@ -64,7 +68,8 @@ def sample_command(args: argparse.Namespace) -> None:
     batches = []
     for start in range(0, args.n, args.batch_size):
         count = min(args.batch_size, args.n - start)
-        batches.append(get_stage_kind(kind).sample(stage_dir, count, generator, device).cpu())
+        batches.append(get_stage_kind(kind).sample(stage_dir, count, generator, device,
+                                                   sampler=args.sampler, steps=args.steps).cpu())
     images = torch.cat(batches)
     save_grid(images, out / "grid.png")
     for index, image in enumerate(to_uint8(images)):

@@ -75,6 +75,7 @@ class StageConfig:
 
     name: str
     kind: str
+    input: Optional[str] = None  # an earlier stage whose outputs this one trains on (e.g. a vae)
     model: Any = None
     training: TrainingConfig = field(default_factory=TrainingConfig)
 
@@ -139,6 +140,10 @@ def parse_run_config(raw: dict) -> RunConfig:
     duplicated = sorted({n for n in names if names.count(n) > 1})
     if duplicated:
         raise ConfigError(f"stages: stage names must be unique; repeated: {duplicated}")
+    for index, stage in enumerate(config.stages):
+        if stage.input is not None and stage.input not in names[:index]:
+            raise ConfigError(f"stages.{stage.name}.input: {stage.input!r} is not an earlier stage; "
+                              f"earlier stages are {names[:index]}")
     return config
 
 

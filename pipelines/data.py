@@ -44,7 +44,7 @@ logger = logging.getLogger(__name__)
 
 Source = Literal["mnist", "imagefolder", "hub", "toy"]
 Channels = Literal[1, 3, 4]
-Kind = Literal["image", "vector"]
+Kind = Literal["image", "vector", "latent"]  # latent: cached VAE latents (pipelines/latents.py)
 
 PIL_MODE_FOR_CHANNELS = {1: "L", 3: "RGB", 4: "RGBA"}
 MNIST_PADDING = 2  # 28x28 -> 32x32
@@ -128,6 +128,7 @@ class DataSplits:
     kind: Kind
     num_classes: Optional[int]
     description: str  # one line for logs
+    config: Optional[DataConfig] = None  # what was loaded (metrics look up the toy density or classifier by it)
 
 
 @dataclass
@@ -375,6 +376,7 @@ def load_data(cfg: DataConfig) -> DataSplits:
         kind=kind,
         num_classes=samples.num_classes,
         description=describe(cfg, len(train_indices), len(validation_indices), sample_shape, samples.num_classes),
+        config=cfg,
     )
 
 

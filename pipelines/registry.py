@@ -1,10 +1,12 @@
 """The one registry of stage kinds. Adding a family is one module plus one line here."""
 
 from .stages.base import Stage
+from .stages.ddpm import DDPMStage
 from .stages.vae import VAEStage
 
 STAGE_KINDS: dict[str, type[Stage]] = {
     VAEStage.kind: VAEStage,
+    DDPMStage.kind: DDPMStage,
 }
 
 

@@ -88,7 +88,8 @@ def run(config: RunConfig, force_stages: tuple[str, ...] = ()) -> dict[str, dict
                               f"(--force-stage {stage_config.name} retrains it)")
             results[stage_config.name] = json.loads((stage_dir / "metrics.json").read_text())
             continue
-        stage = get_stage_kind(stage_config.kind)(stage_config, data)
+        input_dir = Path(config.output_dir) / stage_config.input if stage_config.input else None
+        stage = get_stage_kind(stage_config.kind)(stage_config, data, input_dir)
         if accelerator.is_main_process:
             stage_dir.mkdir(parents=True, exist_ok=True)
             (stage_dir / DONE_FILE).unlink(missing_ok=True)

@@ -47,6 +47,8 @@ def train_stage(accelerator: Accelerator, stage: Stage, run: RunConfig,
     name = stage.config.name
     checkpoints_dir = stage_dir / "checkpoints"
     accelerator.gradient_accumulation_steps = cfg.gradient_accumulation_steps
+    stage.setup(accelerator, stage_dir)
+    augment_images = stage.data.kind == "image"
 
     # Data. The seeded sampler reshuffles per epoch from (seed, epoch) alone, and the loader's own
     # generator keeps it from drawing on the global RNG, so resuming replays the same batches.
@@ -98,7 +100,8 @@ def train_stage(accelerator: Accelerator, stage: Stage, run: RunConfig,
     while step < cfg.max_steps:
         batch = next(batches)
         with accelerator.accumulate(model):
-            terms = model(stage.training_input(augment(batch["x"], run.data)))
+            x = augment(batch["x"], run.data) if augment_images else batch["x"]
+            terms = model(stage.training_input(x))
             accelerator.backward(terms["loss"])
             if accelerator.sync_gradients and cfg.max_grad_norm is not None:
                 accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)

@@ -27,14 +27,23 @@ class Stage(abc.ABC):
     Args:
         config: the stage's block of the run config (`model` is an instance of `model_config`).
         data: the run's data splits.
+        input_dir: the folder of the earlier stage named by `input:` (its outputs are this
+            stage's inputs), or None.
     """
 
     kind: ClassVar[str]
     model_config: ClassVar[type]
 
-    def __init__(self, config: StageConfig, data: DataSplits):
+    def __init__(self, config: StageConfig, data: DataSplits, input_dir: Path | None = None):
+        if input_dir is not None and not self.accepts_input:
+            raise ValueError(f"stages.{config.name}.input: a {self.kind} stage takes no input stage")
         self.config = config
         self.data = data
+
+    accepts_input: ClassVar[bool] = False
+
+    def setup(self, accelerator: Accelerator, stage_dir: Path) -> None:
+        """Work before training that may replace `self.data` (e.g. caching latents); all processes call it."""
 
     @abc.abstractmethod
     def build_model(self) -> nn.Module:
@@ -62,6 +71,7 @@ class Stage(abc.ABC):
 
     @classmethod
     @abc.abstractmethod
-    def sample(cls, stage_dir: Path, num_samples: int, generator: torch.Generator,
-               device: torch.device) -> torch.Tensor:
-        """Images in [-1, 1] from an exported stage folder."""
+    def sample(cls, stage_dir: Path, num_samples: int, generator: torch.Generator, device: torch.device,
+               sampler: str | None = None, steps: int | None = None) -> torch.Tensor:
+        """Images in [-1, 1] (or vectors) from an exported stage folder; `sampler` and `steps`
+        choose the sampler where the family has several."""

@@ -51,8 +51,8 @@ class VAEStage(Stage):
     kind = "vae"
     model_config = VAEModelConfig
 
-    def __init__(self, config, data):
-        super().__init__(config, data)
+    def __init__(self, config, data, input_dir=None):
+        super().__init__(config, data, input_dir)
         if data.kind != "image":
             raise ValueError(f"stages.{config.name}: a vae stage needs image data, got {data.kind} data")
         channels, height, width = data.sample_shape
@@ -102,7 +102,7 @@ class VAEStage(Stage):
         x = batch[:16]
         recon = model.autoencoder.decode(model.autoencoder.encode(x).latent_dist.mean).sample
         pairs = torch.stack([x.view(2, 8, *x.shape[1:]), recon.view(2, 8, *x.shape[1:])], 1)
-        samples = _decode_prior(model.autoencoder, 32, None, x.device)
+        samples = decode_prior(model.autoencoder, 32, None, x.device)
         return torch.cat([pairs.flatten(0, 2), samples]).clamp(-1, 1)
 
     @torch.no_grad()
@@ -124,13 +124,13 @@ class VAEStage(Stage):
 
     @classmethod
     @torch.no_grad()
-    def sample(cls, stage_dir: Path, num_samples: int, generator: torch.Generator,
-               device: torch.device) -> torch.Tensor:
+    def sample(cls, stage_dir: Path, num_samples: int, generator: torch.Generator, device: torch.device,
+               sampler: str | None = None, steps: int | None = None) -> torch.Tensor:
         autoencoder = AutoencoderKL.from_pretrained(stage_dir / "vae").to(device).eval()
-        return _decode_prior(autoencoder, num_samples, generator, device).clamp(-1, 1)
+        return decode_prior(autoencoder, num_samples, generator, device).clamp(-1, 1)
 
 
-def _decode_prior(autoencoder: AutoencoderKL, num_samples: int, generator: torch.Generator | None,
+def decode_prior(autoencoder: AutoencoderKL, num_samples: int, generator: torch.Generator | None,
                   device: torch.device) -> torch.Tensor:
     """x_hat(z) for z ~ N(0, I): the VAE's own generative model (mean of p(x|z))."""
     cfg = autoencoder.config

@@ -1,0 +1,71 @@
+"""The seed's denoising network (part V): the epsilon-prediction loss and a denoiser for vectors.
+
+The noise schedule and the reverse step are diffusers' schedulers (`DDPMScheduler.add_noise`,
+`.step`); tests/test_ddpm_equations.py checks them against the seed's equations.
+"""
+
+import math
+
+import torch
+from diffusers import ConfigMixin, DDPMScheduler, ModelMixin
+from diffusers.configuration_utils import register_to_config
+from diffusers.models.unets.unet_2d import UNet2DOutput
+from torch import nn
+
+
+class EpsilonPredictionLoss(nn.Module):
+    """L(theta) = E_{x, t, eps} || eps - eps_theta(sqrt(abar_t) x + sqrt(1 - abar_t) eps, t) ||^2,
+    t uniform on {1..T}, eps ~ N(0, I): the seed's loss (its alpha_t is our abar_t). The squared
+    norm is averaged over dimensions (a constant factor) so learning rates do not depend on size.
+
+    Args:
+        network: eps_theta(z_t, t) returning an object with `.sample` (diffusers' UNet2DModel, or
+            `MLPDenoiser`).
+        scheduler: the forward process (its `add_noise` is z_t above).
+    """
+
+    def __init__(self, network: nn.Module, scheduler: DDPMScheduler):
+        super().__init__()
+        self.network = network
+        self.scheduler = scheduler
+
+    def forward(self, x0: torch.Tensor) -> dict[str, torch.Tensor]:
+        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (x0.shape[0],), device=x0.device)
+        eps = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype)
+        zt = self.scheduler.add_noise(x0, eps, t)
+        eps_hat = self.network(zt, t).sample
+        return {"loss": (eps_hat.float() - eps.float()).pow(2).mean()}
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of (B,) timesteps -> (B, dim), as in the DDPM and Transformer papers."""
+    half = dim // 2
+    frequencies = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
+    angles = t.float()[:, None] * frequencies[None]
+    return torch.cat([angles.cos(), angles.sin()], dim=1)
+
+
+class MLPDenoiser(ModelMixin, ConfigMixin):
+    """eps_theta(z_t, t) for vector data (the 2D toy distributions): an MLP on [z_t, emb(t)].
+
+    Args:
+        dim: the data's dimension.
+        hidden: width of each hidden layer.
+        num_layers: number of hidden layers.
+        time_embedding_dim: size of the sinusoidal timestep embedding.
+    """
+
+    @register_to_config
+    def __init__(self, dim: int = 2, hidden: int = 256, num_layers: int = 4, time_embedding_dim: int = 64):
+        super().__init__()
+        self.time_mlp = nn.Sequential(nn.Linear(time_embedding_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        self.input = nn.Linear(dim, hidden)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.SiLU(), nn.Linear(hidden, hidden)) for _ in range(num_layers))
+        self.output = nn.Sequential(nn.SiLU(), nn.Linear(hidden, dim))
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor | int) -> UNet2DOutput:
+        t = torch.as_tensor(timestep, device=sample.device).expand(sample.shape[0])
+        h = self.input(sample) + self.time_mlp(timestep_embedding(t, self.config.time_embedding_dim))
+        for block in self.blocks:
+            h = h + block(h)  # residual: keeps the deep MLP easy to optimise
+        return UNet2DOutput(sample=self.output(h))

@@ -1,0 +1,226 @@
+"""Stage 2: the DDPM noise predictor (seed part V) on VAE latents, pixels or 2D vectors.
+
+With `input: <vae stage>` it trains on that VAE's cached latents (latent diffusion) and exports
+a `LatentDiffusionPipeline`; on pixels it exports a stock `diffusers.DDPMPipeline`; on vectors
+an `MLPDenoiser` plus its scheduler.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from diffusers import AutoencoderKL, DDPMPipeline, DDPMScheduler, UNet2DModel
+
+from ...modules.ddpm import EpsilonPredictionLoss, MLPDenoiser
+from ..diffusion import LatentDiffusionPipeline, denoise, make_sampler
+from ..evaluation import get_feature_classifier, image_metrics, toy_metrics, train_test_floor
+from ..latents import cached_latents
+from .base import Stage
+from .vae import decode_prior
+
+BETA_SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2"}  # ours -> diffusers' names
+
+
+@dataclass
+class DDPMModelConfig:
+    """The `model:` block of a `kind: ddpm` stage."""
+
+    # UNet2DModel (images and latents); one entry per resolution level.
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
+    attention: list[bool] = field(default_factory=lambda: [False, True, True])
+    layers_per_block: int = 1
+    norm_num_groups: int = 32
+    # MLPDenoiser (2D vectors).
+    mlp_hidden: int = 256
+    mlp_layers: int = 4
+    # Forward process.
+    num_train_timesteps: int = 1000
+    beta_schedule: Literal["linear", "cosine"] = "linear"
+    # Latent stage: train on posterior means, or on a fresh posterior sample at every step.
+    latents: Literal["mean", "sample"] = "mean"
+    # Sampling for previews and evaluation.
+    sampler: Literal["ddpm", "ddim", "dpmsolver"] = "dpmsolver"
+    num_inference_steps: int = 20
+    num_eval_samples: int = 1000
+
+    def __post_init__(self):
+        if len(self.attention) != len(self.block_out_channels):
+            raise ValueError(f"attention: {self.attention} needs one entry per level of block_out_channels "
+                             f"{self.block_out_channels}")
+        bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
+        if bad:
+            raise ValueError(f"norm_num_groups: {self.norm_num_groups} does not divide the widths {bad}")
+        for key in ("num_train_timesteps", "num_inference_steps", "num_eval_samples", "mlp_hidden", "mlp_layers"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key}: {getattr(self, key)!r} is not valid; expected an integer >= 1")
+        if self.num_inference_steps > self.num_train_timesteps:
+            raise ValueError(f"num_inference_steps: {self.num_inference_steps} exceeds num_train_timesteps "
+                             f"{self.num_train_timesteps}")
+
+
+class DDPMStage(Stage):
+    kind = "ddpm"
+    model_config = DDPMModelConfig
+    accepts_input = True
+
+    def __init__(self, config, data, input_dir: Path | None = None):
+        super().__init__(config, data, input_dir)
+        self.pixel_data = data  # the reference for sample metrics, also when training on latents
+        self.vae_dir = None
+        if input_dir is not None:
+            self.vae_dir = input_dir / "vae"
+            if not (self.vae_dir / "config.json").is_file():
+                raise ValueError(f"stages.{config.name}.input: {input_dir} holds no trained VAE (no vae/config.json)")
+            vae = AutoencoderKL.load_config(self.vae_dir)
+            channels, resolution, _ = data.sample_shape
+            if vae["in_channels"] != channels or vae["sample_size"] != resolution:
+                raise ValueError(
+                    f"stages.{config.name}.input: the VAE in {self.vae_dir} was trained on {vae['in_channels']}x"
+                    f"{vae['sample_size']}x{vae['sample_size']} images, the data is {channels}x{resolution}x{resolution}")
+
+    def setup(self, accelerator: Accelerator, stage_dir: Path) -> None:
+        if self.vae_dir is not None:
+            self.data = cached_latents(self.vae_dir, self.data, self.config.model.latents, stage_dir / "cache",
+                                       accelerator)
+
+    def build_model(self) -> EpsilonPredictionLoss:
+        cfg = self.config.model
+        scheduler = DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps,
+                                  beta_schedule=BETA_SCHEDULES[cfg.beta_schedule], clip_sample=False)
+        if self.data.kind == "vector":
+            network = MLPDenoiser(dim=self.data.sample_shape[0], hidden=cfg.mlp_hidden, num_layers=cfg.mlp_layers)
+        else:
+            channels, size, _ = self.data.sample_shape
+            network = UNet2DModel(
+                sample_size=size, in_channels=channels, out_channels=channels,
+                block_out_channels=tuple(cfg.block_out_channels), layers_per_block=cfg.layers_per_block,
+                norm_num_groups=cfg.norm_num_groups,
+                down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in cfg.attention),
+                up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(cfg.attention)),
+            )
+        return EpsilonPredictionLoss(network, scheduler)
+
+    def training_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.data.kind == "latent" and self.config.model.latents == "sample":
+            mean, std = x.chunk(2, dim=1)
+            return mean + std * torch.randn_like(mean)
+        return x
+
+    @torch.no_grad()
+    def evaluate(self, model: EpsilonPredictionLoss, loader, accelerator: Accelerator) -> dict[str, float]:
+        """Validation eps-loss, then metrics of samples drawn with the configured sampler."""
+        total, count = torch.zeros((), device=accelerator.device, dtype=torch.float64), 0
+        for batch in loader:
+            x = batch["x"][:, : self.data.sample_shape[0]] if self.data.kind == "latent" else batch["x"]
+            loss = model(x)["loss"]
+            total += loss.double() * x.shape[0]
+            count += x.shape[0]
+        metrics = {"val_loss": (accelerator.reduce(total, "sum") / accelerator.reduce(
+            torch.tensor(count, device=accelerator.device), "sum")).item()}
+        if accelerator.is_main_process:
+            metrics.update(self._sample_metrics(model, accelerator.device))
+        return metrics
+
+    def _sample_metrics(self, model: EpsilonPredictionLoss, device: torch.device) -> dict[str, float]:
+        """Toy data: modes covered, % high quality, -log density. Labelled images: FD to the held-out
+        split in the feature classifier's space, class coverage and KL; for a latent model also the
+        FD of the same VAE decoding z ~ N(0, I) (the seed's point: a learned latent prior beats it)
+        and the train/held-out floor."""
+        cfg = self.config.model
+        started = time.perf_counter()
+        samples = self._generate(model.network, model.scheduler, cfg.num_eval_samples, cfg.sampler,
+                                 cfg.num_inference_steps, None, device)
+        timing = {"sampling_seconds_per_sample": (time.perf_counter() - started) / cfg.num_eval_samples}
+        data = self.pixel_data
+        if data.kind == "vector":
+            return {**timing, **toy_metrics(samples, data.config.toy)}
+        if data.num_classes is None:
+            return timing  # the feature classifier needs labels
+        with torch.enable_grad():  # trains the classifier the first time (evaluate runs under no_grad)
+            classifier, _ = get_feature_classifier(data.config, cache_dir(), device)
+        reference = torch.stack([item["x"] for item in data.validation])
+        labels = torch.stack([item["label"] for item in data.validation])
+        metrics = {**timing, **image_metrics(samples, reference, classifier, labels),
+                   "fd_train_vs_heldout": train_test_floor(data, classifier)}
+        if self.vae_dir is not None:
+            vae = _load_vae(self.vae_dir, device)
+            prior = decode_prior(vae, cfg.num_eval_samples, None, device)
+            metrics["fd_vae_prior"] = image_metrics(prior.clamp(-1, 1), reference, classifier, labels)["fd"]
+        return metrics
+
+    @torch.no_grad()
+    def preview(self, model: EpsilonPredictionLoss, batch: torch.Tensor) -> torch.Tensor:
+        cfg = self.config.model
+        samples = self._generate(model.network, model.scheduler, 64 if self.data.kind != "vector" else 2000,
+                                 cfg.sampler, cfg.num_inference_steps, None, batch.device)
+        return samples if self.data.kind != "vector" else scatter_image(samples)
+
+    def _generate(self, network, train_scheduler, num_samples, sampler, steps, generator, device):
+        """Samples in data space: images in [-1, 1] (latents decoded) or vectors."""
+        shape = (num_samples, *self.data.sample_shape)
+        z = denoise(network, make_sampler(sampler, train_scheduler.config), shape, steps, generator, device)
+        if self.data.kind != "latent":
+            return z.clamp(-1, 1) if self.data.kind == "image" else z
+        vae = _load_vae(self.vae_dir, device)
+        return torch.cat([vae.decode(chunk / vae.config.scaling_factor).sample for chunk in z.split(256)]).clamp(-1, 1)
+
+    def export(self, model: EpsilonPredictionLoss, stage_dir: Path) -> None:
+        network, scheduler = model.network, model.scheduler
+        if self.data.kind == "latent":
+            LatentDiffusionPipeline(_load_vae(self.vae_dir, "cpu"), network, scheduler).save_pretrained(stage_dir)
+        elif self.data.kind == "image":
+            DDPMPipeline(network, scheduler).save_pretrained(stage_dir)  # loads in stock diffusers
+        else:
+            network.save_pretrained(stage_dir / "unet")
+            scheduler.save_pretrained(stage_dir / "scheduler")
+        (stage_dir / "stagediff.json").write_text(json.dumps({"kind": self.kind, "space": self.data.kind}))
+
+    @classmethod
+    @torch.no_grad()
+    def sample(cls, stage_dir: Path, num_samples: int, generator: torch.Generator, device: torch.device,
+               sampler: str | None = None, steps: int | None = None) -> torch.Tensor:
+        space = json.loads((stage_dir / "stagediff.json").read_text())["space"]
+        network_cls = MLPDenoiser if space == "vector" else UNet2DModel
+        network = network_cls.from_pretrained(stage_dir / "unet").to(device).eval()
+        train_scheduler = DDPMScheduler.from_pretrained(stage_dir / "scheduler")
+        sampler = sampler or "dpmsolver"
+        steps = None if sampler == "ddpm" and steps is None else (steps or 20)
+        shape = (num_samples, *_network_sample_shape(network))
+        z = denoise(network, make_sampler(sampler, train_scheduler.config), shape, steps, generator, device,
+                    progress=True)
+        if space == "latent":
+            vae = _load_vae(stage_dir / "vae", device)
+            z = vae.decode(z / vae.config.scaling_factor).sample
+        return z.clamp(-1, 1) if space != "vector" else z
+
+
+def cache_dir() -> Path:
+    """Where evaluation models (the feature classifier) are cached across runs."""
+    return Path(os.environ.get("STAGEDIFF_CACHE", Path.home() / ".cache" / "stagediff"))
+
+
+def _network_sample_shape(network) -> tuple[int, ...]:
+    cfg = network.config
+    return (cfg.dim,) if isinstance(network, MLPDenoiser) else (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+
+
+def _load_vae(vae_dir: Path, device) -> AutoencoderKL:
+    return AutoencoderKL.from_pretrained(vae_dir).to(device).eval()
+
+
+def scatter_image(points: torch.Tensor, size: int = 256, extent: float | None = None) -> torch.Tensor:
+    """A (1, 1, size, size) image in [-1, 1] of a 2D point cloud (log-scaled counts), for previews."""
+    points = points.detach().float().cpu().numpy()
+    extent = extent or float(np.abs(points).max()) * 1.1 + 1e-6
+    counts, _, _ = np.histogram2d(points[:, 1], points[:, 0], bins=size, range=[[-extent, extent]] * 2)
+    image = np.log1p(counts[::-1].copy())
+    image = image / max(image.max(), 1e-6)
+    return torch.from_numpy(1 - 2 * image).float()[None, None]

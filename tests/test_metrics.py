@@ -1,0 +1,244 @@
+"""Evaluation metrics: mode coverage, Fréchet distance, class histograms, the cached feature classifier."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from torchmetrics.image.fid import FrechetInceptionDistance
+
+from stagediff.modules.classifier import ImageClassifier
+from stagediff.modules.metrics import (REFERENCE_SMOOTHING, class_histogram_metrics, frechet_distance,
+                                       frechet_distance_gaussians, mode_coverage)
+from stagediff.modules.toy2d import make_toy
+from stagediff.pipelines.data import DataConfig, load_data
+from stagediff.pipelines.evaluation import (ClassifierRecipe, classifier_cache_key, get_feature_classifier,
+                                            image_metrics, image_outputs, toy_metrics, train_test_floor)
+
+PAPER_SAMPLE_COUNT = 2500  # VEEGAN / PacGAN
+# A true sample is high quality with probability P(chi^2_2 < 9) = 1 - e^-4.5.
+TRUE_HIGH_QUALITY = 1 - math.exp(-4.5)
+# 4 binomial standard deviations of a fraction near TRUE_HIGH_QUALITY over PAPER_SAMPLE_COUNT samples.
+HIGH_QUALITY_TOLERANCE = 4 * math.sqrt(TRUE_HIGH_QUALITY * (1 - TRUE_HIGH_QUALITY) / PAPER_SAMPLE_COUNT)
+
+
+def generator(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------- mode coverage
+
+
+@pytest.mark.parametrize("name, num_modes", [("ring8", 8), ("grid25", 25)])
+def test_true_samples_cover_every_mode_at_the_chi2_rate(name, num_modes):
+    toy = make_toy(name)
+    result = mode_coverage(toy.sample(PAPER_SAMPLE_COUNT, generator()), toy.modes, toy.std)
+    assert result["modes_covered"] == num_modes
+    assert result["high_quality_fraction"] == pytest.approx(TRUE_HIGH_QUALITY, abs=HIGH_QUALITY_TOLERANCE)
+
+
+def test_collapsed_sampler_covers_one_mode():
+    toy = make_toy("ring8")
+    samples = toy.modes[3] + toy.std * torch.randn(PAPER_SAMPLE_COUNT, 2, generator=generator())
+    result = mode_coverage(samples, toy.modes, toy.std)
+    assert result["modes_covered"] == 1
+    assert result["high_quality_fraction"] == pytest.approx(TRUE_HIGH_QUALITY, abs=HIGH_QUALITY_TOLERANCE)
+
+
+def test_uniform_noise_is_low_quality():
+    toy = make_toy("ring8")
+    samples = 3 * torch.rand(PAPER_SAMPLE_COUNT, 2, generator=generator()) - 1.5  # the ring's box [-1.5, 1.5]^2
+    # Expected: 8 discs of radius 3 std over the box's area, 8 pi 0.03^2 / 9 = 0.25%.
+    assert mode_coverage(samples, toy.modes, toy.std)["high_quality_fraction"] < 0.01
+
+
+def test_high_quality_is_strictly_within_three_std_of_the_nearest_mode():
+    modes = torch.tensor([[0.0, 0.0], [10.0, 0.0]])
+    samples = torch.tensor([[2.9, 0.0], [10.0, 3.1], [5.0, 0.0]])  # inside mode 0; outside mode 1; between
+    assert mode_coverage(samples, modes, std=1.0) == {"modes_covered": 1, "high_quality_fraction": pytest.approx(1 / 3)}
+
+
+# ----------------------------------------------------------------------------- Fréchet distance
+
+
+def closed_form_commuting(mean_a, variances_a, mean_b, variances_b) -> float:
+    """FD for covariances Q diag(v) Q^T sharing eigenvectors: |m_a - m_b|^2 + sum (sqrt v_a - sqrt v_b)^2."""
+    return ((mean_a - mean_b).square().sum() + (variances_a.sqrt() - variances_b.sqrt()).square().sum()).item()
+
+
+def test_fd_of_gaussians_matches_the_closed_form_for_commuting_covariances():
+    g = generator()
+    dim = 6
+    rotation, _ = torch.linalg.qr(torch.randn(dim, dim, generator=g, dtype=torch.float64))
+    mean_a, mean_b = torch.randn(2, dim, generator=g, dtype=torch.float64)
+    variances_a, variances_b = torch.rand(2, dim, generator=g, dtype=torch.float64) + 0.1
+    variances_b[0] = 0.0  # a singular covariance is allowed
+    cov_a, cov_b = (rotation * variances_a) @ rotation.T, (rotation * variances_b) @ rotation.T
+    expected = closed_form_commuting(mean_a, variances_a, mean_b, variances_b)
+    assert frechet_distance_gaussians(mean_a, cov_a, mean_b, cov_b) == pytest.approx(expected, rel=1e-10)
+
+
+def test_fd_of_gaussian_samples_approaches_the_closed_form():
+    g = generator()
+    mean_a, mean_b = torch.zeros(4), torch.tensor([1.0, 0.0, -0.5, 2.0])
+    std_a, std_b = torch.tensor([1.0, 2.0, 0.5, 1.0]), torch.tensor([1.5, 1.0, 0.5, 3.0])
+    features_a = mean_a + std_a * torch.randn(50_000, 4, generator=g)
+    features_b = mean_b + std_b * torch.randn(50_000, 4, generator=g)
+    expected = closed_form_commuting(mean_a, std_a**2, mean_b, std_b**2)  # 7.5
+    assert frechet_distance(features_a, features_b) == pytest.approx(expected, rel=0.02)
+
+
+def test_fd_is_zero_for_identical_sets_and_the_squared_shift_for_shifted_ones():
+    features = torch.randn(300, 64, generator=generator()).relu()  # dead-ish units, singular-ish covariance
+    assert frechet_distance(features, features) == pytest.approx(0.0, abs=1e-9)
+    direction = torch.randn(64, generator=generator(1))
+    # A shift leaves the covariance unchanged, so FD is exactly the squared shift: growing as its square.
+    for scale in (0.1, 1.0, 10.0):
+        shift = scale * direction
+        assert frechet_distance(features, features + shift) == pytest.approx(shift.square().sum().item(), rel=1e-5)
+
+
+def test_fd_needs_two_samples():
+    with pytest.raises(ValueError, match="N >= 2"):
+        frechet_distance(torch.zeros(1, 3), torch.zeros(5, 3))
+
+
+# ----------------------------------------------------------------------------- class histograms
+
+
+def test_one_class_histogram_against_uniform_reference():
+    result = class_histogram_metrics(torch.full((500,), 3), 10, torch.full((10,), 0.1))
+    assert result["classes_covered"] == 1
+    assert result["class_kl"] == pytest.approx(math.log(10), rel=1e-5)  # KL(delta || uniform) = ln K
+
+
+def test_matching_histogram_has_zero_kl_and_full_coverage():
+    labels = torch.arange(10).repeat(50)
+    result = class_histogram_metrics(labels, 10, torch.bincount(labels))  # counts are normalised
+    assert result == {"classes_covered": 10, "class_kl": pytest.approx(0.0, abs=1e-5)}
+
+
+def test_coverage_threshold_and_empty_reference_bins():
+    labels = torch.tensor([0] * 199 + [1])  # class 1 gets 0.5% < 1%
+    reference = torch.tensor([1.0, 0.0, 0.0])
+    result = class_histogram_metrics(labels, 3, reference)
+    assert result["classes_covered"] == 1
+    # The reference's empty bins get eps / K, which keeps the KL finite; p's empty bin adds 0.
+    eps = REFERENCE_SMOOTHING
+    expected = 0.995 * math.log(0.995 / (1 - eps + eps / 3)) + 0.005 * math.log(0.005 / (eps / 3))
+    assert result["class_kl"] == pytest.approx(expected, rel=1e-9)
+
+
+# ----------------------------------------------------------------------------- toys
+
+
+def test_toy_metrics_on_true_samples():
+    ring = toy_metrics(make_toy("ring8").sample(PAPER_SAMPLE_COUNT, generator()), "ring8")
+    assert ring["modes_covered"] == 8
+    # Entropy of 8 well-separated N(., 0.01^2 I): ln 8 + ln(2 pi e 0.01^2).
+    assert ring["mean_neg_log_density"] == pytest.approx(math.log(8) + math.log(2 * math.pi * math.e * 1e-4), abs=0.05)
+    moons = toy_metrics(make_toy("moons").sample(PAPER_SAMPLE_COUNT, generator()), "moons")
+    assert "modes_covered" not in moons and moons["outside_support_fraction"] == 0.0
+
+
+def test_toy_metrics_off_the_checkerboard():
+    result = toy_metrics(torch.tensor([[-3.0, -3.0], [-1.0, -3.0]]), "checkerboard")  # black cell, white cell
+    assert result["outside_support_fraction"] == 0.5
+    assert result["mean_neg_log_density"] == math.inf
+
+
+# ----------------------------------------------------------------------------- feature classifier
+
+# 16x16 and 2 epochs keep the test fast; the default recipe at 32x32 reaches ~98%.
+SMALL_DATA = DataConfig(resolution=16)
+SMALL_RECIPE = ClassifierRecipe(epochs=2)
+MIN_ACCURACY = 0.93  # chance is 0.10; this recipe measures ~0.97
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("classifier-cache")
+
+
+@pytest.fixture(scope="module")
+def trained(cache_dir):
+    return get_feature_classifier(SMALL_DATA, cache_dir, "cpu", SMALL_RECIPE)
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return load_data(SMALL_DATA)
+
+
+def stacked(dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    batch = next(iter(DataLoader(dataset, batch_size=len(dataset))))
+    return batch["x"], batch["label"]
+
+
+def test_classifier_trains_to_a_real_accuracy(trained):
+    _, info = trained
+    assert info["trained_now"]
+    assert info["validation_accuracy"] >= MIN_ACCURACY
+
+
+def test_classifier_cache_reloads_without_training(trained, cache_dir, splits):
+    classifier, info = trained
+    cached, cached_info = get_feature_classifier(SMALL_DATA, cache_dir, "cpu", SMALL_RECIPE)
+    assert not cached_info["trained_now"]
+    assert cached_info["validation_accuracy"] == info["validation_accuracy"]
+    images, _ = stacked(splits.validation)
+    assert torch.equal(image_outputs(cached, images)[0], image_outputs(classifier, images)[0])
+    assert [p.name for p in cache_dir.iterdir()] == [f"feature-classifier-{info['cache_key']}"]  # no temp left
+    # Another recipe or data config is another classifier.
+    assert classifier_cache_key(SMALL_DATA, ClassifierRecipe(epochs=3)) != info["cache_key"]
+    assert classifier_cache_key(DataConfig(resolution=32), SMALL_RECIPE) != info["cache_key"]
+
+
+@pytest.mark.parametrize("resolution", [16, 32, 64])
+def test_classifier_features_at_any_resolution(tmp_path, resolution):
+    classifier = ImageClassifier(in_channels=3, num_classes=7, feature_dim=12)
+    images = torch.rand(2, 3, resolution, resolution, generator=generator()) * 2 - 1
+    assert classifier.features(images).shape == (2, 12) and classifier(images).shape == (2, 7)
+    classifier.save_pretrained(tmp_path)
+    assert (tmp_path / "diffusion_pytorch_model.safetensors").is_file()
+    assert torch.equal(ImageClassifier.from_pretrained(tmp_path).features(images), classifier.features(images))
+
+
+def test_train_validation_floor_is_far_below_noise(trained, splits):
+    classifier, _ = trained
+    train_images, train_labels = stacked(splits.train)
+    validation_images, _ = stacked(splits.validation)
+    noise = torch.rand(validation_images.shape, generator=generator()) * 2 - 1
+    floor = train_test_floor(splits, classifier)
+    real = image_metrics(validation_images, train_images, classifier, train_labels)
+    fake = image_metrics(noise, train_images, classifier, train_labels)
+    assert real["fd"] == pytest.approx(floor)
+    assert fake["fd"] > 50 * floor
+    assert real["classes_covered"] == 10 and real["class_kl"] < 0.02
+    assert fake["class_kl"] > 10 * real["class_kl"]
+
+
+class ClassifierFeatures(nn.Module):
+    """The classifier as a torchmetrics feature extractor; `num_features` spares it a probe with a
+    (3, 299, 299) dummy image."""
+
+    def __init__(self, classifier: ImageClassifier):
+        super().__init__()
+        self.classifier = classifier
+        self.num_features = classifier.config.feature_dim
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.classifier.features(images)
+
+
+def test_fd_agrees_with_torchmetrics_fid_on_classifier_features(trained, splits):
+    classifier, _ = trained
+    train_images, train_labels = stacked(splits.train)
+    validation_images, _ = stacked(splits.validation)
+    # Custom extractors receive the images unchanged (normalize only rescales for the built-in Inception).
+    reference = FrechetInceptionDistance(feature=ClassifierFeatures(classifier))
+    reference.update(train_images, real=True)
+    reference.update(validation_images, real=False)
+    ours = image_metrics(validation_images, train_images, classifier, train_labels)["fd"]
+    assert ours == pytest.approx(reference.compute().item(), rel=1e-4)
