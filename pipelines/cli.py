@@ -1,19 +1,25 @@
-"""`stagediff` command line: train, sample. `scripts/*.py` call the same functions, so
+"""`stagediff` command line: train, sample, evaluate. `scripts/*.py` call the same functions, so
 `accelerate launch scripts/train.py ...` and `stagediff train ...` run the same job."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
 import yaml
 
 from .config import ConfigError, load_config, parse_run_config
+from .data import load_data
+from .evaluation import generation_metrics
 from .images import save_grid, save_png, to_uint8
 from .registry import get_stage_kind
 from .run import DONE_FILE, run
+from .trainer import NonFiniteLossError
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,17 +35,27 @@ def train_command(args: argparse.Namespace) -> None:
     run(config, force_stages=tuple(args.force_stage))
 
 
-def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
+def add_sampling_arguments(parser: argparse.ArgumentParser, default_n: int) -> None:
     parser.add_argument("model_dir", type=Path, help="a trained stage folder (or a run folder: its last stage)")
-    parser.add_argument("--n", type=int, default=64, help="number of images (default 64)")
+    parser.add_argument("--n", type=int, default=default_n, help=f"number of samples (default {default_n})")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=None, help="output folder (default MODEL_DIR/generated)")
     parser.add_argument("--sampler", choices=["ddpm", "ddim", "dpmsolver"], default=None,
                         help="diffusion sampler (default dpmsolver, i.e. DPM-Solver++); ddpm is the seed's "
                              "ancestral sampler with all T steps")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default 20; ddpm: all T)")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
+
+
+def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
+    add_sampling_arguments(parser, default_n=64)
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default MODEL_DIR/generated)")
+
+
+def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    add_sampling_arguments(parser, default_n=2500)
+    parser.add_argument("--seeds", type=int, default=1, help="repeat with seeds seed..seed+K-1 and average")
+    parser.add_argument("--out", type=Path, default=None, help="write the metrics as JSON to this file")
 
 
 def resolve_stage_dir(path: Path) -> tuple[Path, str]:
@@ -60,26 +76,59 @@ def resolve_stage_dir(path: Path) -> tuple[Path, str]:
     return stage_dir, config.stage(stage_dir.name).kind
 
 
+def generate(args: argparse.Namespace, stage_dir: Path, kind: str, seed: int) -> torch.Tensor:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    generator = torch.Generator(device).manual_seed(seed)
+    stage_kind = get_stage_kind(kind)
+    return torch.cat([stage_kind.sample(stage_dir, min(args.batch_size, args.n - start), generator, device,
+                                        sampler=args.sampler, steps=args.steps).cpu()
+                      for start in range(0, args.n, args.batch_size)])
+
+
 def sample_command(args: argparse.Namespace) -> None:
     stage_dir, kind = resolve_stage_dir(args.model_dir)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out = args.out or stage_dir / "generated"
-    generator = torch.Generator(device).manual_seed(args.seed)
-    batches = []
-    for start in range(0, args.n, args.batch_size):
-        count = min(args.batch_size, args.n - start)
-        batches.append(get_stage_kind(kind).sample(stage_dir, count, generator, device,
-                                                   sampler=args.sampler, steps=args.steps).cpu())
-    images = torch.cat(batches)
-    save_grid(images, out / "grid.png")
-    for index, image in enumerate(to_uint8(images)):
+    samples = generate(args, stage_dir, kind, args.seed)
+    if samples.dim() == 2:  # vectors: a scatter picture and the numbers
+        from .stages.ddpm import scatter_image
+
+        save_grid(scatter_image(samples), out / "grid.png")
+        out.joinpath("samples.csv").write_text("\n".join(",".join(f"{v:.6g}" for v in row) for row in samples.tolist()))
+        print(f"wrote {len(samples)} samples to {out / 'samples.csv'} and a scatter plot to {out / 'grid.png'}")
+        return
+    save_grid(samples, out / "grid.png")
+    for index, image in enumerate(to_uint8(samples)):
         save_png(image, out / f"{index:05d}.png")
-    print(f"wrote {len(images)} images and grid.png to {out}")
+    print(f"wrote {len(samples)} images and grid.png to {out}")
+
+
+def evaluate_command(args: argparse.Namespace) -> None:
+    """Sample, then score against the stage's own data (the metrics of pipelines/evaluation.py)."""
+    stage_dir, kind = resolve_stage_dir(args.model_dir)
+    config = parse_run_config(yaml.safe_load((stage_dir / "config.yaml").read_text()))
+    data = load_data(config.data)
+    vae_dir = stage_dir / "vae" if (stage_dir / "model_index.json").is_file() and (stage_dir / "vae").is_dir() else None
+    runs = []
+    for seed in range(args.seed, args.seed + args.seeds):
+        started = time.perf_counter()
+        samples = generate(args, stage_dir, kind, seed)
+        seconds = (time.perf_counter() - started) / len(samples)
+        runs.append({"seed": seed, "sampling_seconds_per_sample": seconds,
+                     **generation_metrics(samples, data, args.device or samples.device, vae_dir)})
+    mean = {key: statistics.fmean(r[key] for r in runs) for key in runs[0] if key != "seed"}
+    report = {"model_dir": str(stage_dir), "sampler": args.sampler or "dpmsolver", "steps": args.steps,
+              "num_samples": args.n, "mean": mean, "per_seed": runs}
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
 
 
 COMMANDS = {
     "train": (add_train_arguments, train_command, "train the stages of a run config"),
     "sample": (add_sample_arguments, sample_command, "generate images from a trained stage"),
+    "evaluate": (add_evaluate_arguments, evaluate_command, "sample and score a trained stage (FD, coverage, modes)"),
 }
 
 
@@ -91,7 +140,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         COMMANDS[args.command][1](args)
-    except (ConfigError, FileNotFoundError) as err:
+    except (ConfigError, FileNotFoundError, NonFiniteLossError, ValueError) as err:
+        # User-facing failures carry messages naming the file, key or value; no traceback needed.
         sys.exit(f"stagediff {args.command}: error: {err}")
 
 

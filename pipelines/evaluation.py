@@ -32,6 +32,7 @@ from stagediff.modules.metrics import class_histogram_metrics, frechet_distance,
 from stagediff.modules.toy2d import IsotropicGaussianMixture, make_toy
 
 from .data import DataConfig, DataSplits, load_data
+from .stages.vae import decode_prior, load_vae
 
 CLASSIFIER_INFO = "classifier_info.json"  # written last, so its presence marks a complete folder
 CACHE_FOLDER_PREFIX = "feature-classifier-"
@@ -105,6 +106,7 @@ def _publish(classifier: ImageClassifier, info: dict, folder: Path) -> None:
             raise
 
 
+@torch.enable_grad()  # callers may be evaluation code running under no_grad (Stage.evaluate)
 def train_classifier(splits: DataSplits, recipe: ClassifierRecipe,
                      device: torch.device | str) -> tuple[ImageClassifier, dict]:
     """Cross-entropy training on the train split (AdamW, cosine decay); accuracy on the validation split."""
@@ -235,4 +237,37 @@ def toy_metrics(samples: Tensor, toy: str) -> dict[str, float | int]:
     }
     if isinstance(distribution, IsotropicGaussianMixture):
         metrics.update(mode_coverage(samples, distribution.modes, distribution.std))
+    return metrics
+
+
+# ----------------------------------------------------------------------------- what a stage reports
+
+
+def cache_dir() -> Path:
+    """Where evaluation models (the feature classifier) are cached across runs."""
+    return Path(os.environ.get("STAGEDIFF_CACHE", Path.home() / ".cache" / "stagediff"))
+
+
+@torch.no_grad()
+def generation_metrics(samples: Tensor, data: DataSplits, device: torch.device | str,
+                       vae_dir: Path | None = None) -> dict[str, float | int]:
+    """Metrics of generated samples against `data` (pixel or vector space, never latents).
+
+    Toy data: `toy_metrics`. Labelled images: `image_metrics` against the held-out split, the
+    train/held-out floor and, when `vae_dir` is given, the FD of that VAE decoding z ~ N(0, I)
+    (the seed's point for latent diffusion: a learned latent prior beats the VAE's own prior).
+    Unlabelled images: {} (the feature classifier needs labels).
+    """
+    if data.kind == "vector":
+        return toy_metrics(samples, data.config.toy)
+    if data.num_classes is None:
+        return {}
+    classifier, _ = get_feature_classifier(data.config, cache_dir(), device)
+    reference = torch.stack([item["x"] for item in data.validation])
+    labels = torch.stack([item["label"] for item in data.validation])
+    metrics = {**image_metrics(samples, reference, classifier, labels),
+               "fd_train_vs_heldout": train_test_floor(data, classifier)}
+    if vae_dir is not None:
+        prior = decode_prior(load_vae(vae_dir, device), len(samples), None, device)
+        metrics["fd_vae_prior"] = image_metrics(prior, reference, classifier, labels)["fd"]
     return metrics

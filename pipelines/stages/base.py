@@ -33,14 +33,13 @@ class Stage(abc.ABC):
 
     kind: ClassVar[str]
     model_config: ClassVar[type]
+    accepts_input: ClassVar[bool] = False  # whether `input:` may name an earlier stage
 
     def __init__(self, config: StageConfig, data: DataSplits, input_dir: Path | None = None):
         if input_dir is not None and not self.accepts_input:
             raise ValueError(f"stages.{config.name}.input: a {self.kind} stage takes no input stage")
         self.config = config
         self.data = data
-
-    accepts_input: ClassVar[bool] = False
 
     def setup(self, accelerator: Accelerator, stage_dir: Path) -> None:
         """Work before training that may replace `self.data` (e.g. caching latents); all processes call it."""

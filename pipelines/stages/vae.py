@@ -126,10 +126,14 @@ class VAEStage(Stage):
     @torch.no_grad()
     def sample(cls, stage_dir: Path, num_samples: int, generator: torch.Generator, device: torch.device,
                sampler: str | None = None, steps: int | None = None) -> torch.Tensor:
-        autoencoder = AutoencoderKL.from_pretrained(stage_dir / "vae").to(device).eval()
-        return decode_prior(autoencoder, num_samples, generator, device).clamp(-1, 1)
+        return decode_prior(load_vae(stage_dir / "vae", device), num_samples, generator, device)
 
 
+def load_vae(vae_dir: Path, device) -> AutoencoderKL:
+    return AutoencoderKL.from_pretrained(vae_dir).to(device).eval()
+
+
+@torch.no_grad()
 def decode_prior(autoencoder: AutoencoderKL, num_samples: int, generator: torch.Generator | None,
                   device: torch.device) -> torch.Tensor:
     """x_hat(z) for z ~ N(0, I): the VAE's own generative model (mean of p(x|z))."""
@@ -137,5 +141,5 @@ def decode_prior(autoencoder: AutoencoderKL, num_samples: int, generator: torch.
     size = cfg.sample_size // 2 ** (len(cfg.block_out_channels) - 1)
     shape = (num_samples, cfg.latent_channels, size, size)
     z = torch.randn(shape, generator=generator, device=generator.device if generator else device).to(device)
-    return autoencoder.decode(z).sample
+    return autoencoder.decode(z).sample.clamp(-1, 1)
 
