@@ -72,8 +72,9 @@ def resolve_stage_dir(path: Path) -> tuple[Path, str]:
         order = [s["name"] for s in yaml.safe_load((config_files[0].parent / "config.yaml").read_text())["stages"]]
         candidates = [stage_dirs[name] for name in order if name in stage_dirs][-1:]
     stage_dir = candidates[0]
-    config = parse_run_config(yaml.safe_load((stage_dir / "config.yaml").read_text()))
-    return stage_dir, config.stage(stage_dir.name).kind
+    # Only the kind is needed to sample: read it without validating the whole (maybe older) config.
+    stages = yaml.safe_load((stage_dir / "config.yaml").read_text())["stages"]
+    return stage_dir, next(s["kind"] for s in stages if s["name"] == stage_dir.name)
 
 
 def generate(args: argparse.Namespace, stage_dir: Path, kind: str, seed: int) -> torch.Tensor:
@@ -133,7 +134,7 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="stagediff", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="stagediff", description=" ".join(__doc__.split()))
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name, (add_arguments, _, help_text) in COMMANDS.items():
         add_arguments(subparsers.add_parser(name, help=help_text, description=help_text))

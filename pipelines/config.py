@@ -43,7 +43,6 @@ class TrainingConfig:
     ema_decay: Optional[float] = None
     log_every: int = 10
     sample_every: Optional[int] = None
-    num_preview_images: int = 64
     checkpointing_steps: Optional[int] = None
     checkpoints_total_limit: Optional[int] = 2
     resume_from_checkpoint: Optional[str] = None  # "latest" or a checkpoint folder

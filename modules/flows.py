@@ -1,0 +1,490 @@
+"""The seed's invertible network (part III, "Réseau inversible (NF)"): a RealNVP/Glow normalizing flow.
+
+Change of variables. With z = h(x; theta) invertible and dz = |det J_h(x)| dx,
+
+    1 = int N(z; 0, I) dz = int N(h(x; theta); 0, I) |det J_h(x)| dx,
+    p_model(x | theta) = N(h(x; theta); 0, I) |det J_h(x)|,
+    -ln p_model(x | theta) = 1/2 ||h(x; theta)||^2 - ln |det J_h(x; theta)| + cst,
+
+(cst = D/2 ln 2 pi; the seed's slide drops the 1/2, which is part of ln N) and the flow is fitted
+by maximum likelihood, L(theta) = 1/N sum_i -ln p_model(x_i | theta) (the seed's KL(p_data || p_model)
+up to a constant), with early stopping on a validation set.
+
+Conventions shared by every layer here:
+
+- `forward(x) -> (y, logdet)` goes in the data -> latent direction h; `logdet` is
+  ln |det dy/dx| per example, shape (B,). `inverse(y) -> x` is exact (up to float rounding).
+- The seed's affine coupling layer is written in the latent -> data (sampling) direction,
+  x1 = z1, x2 = exp(s(z1)) * z2 + m(z1); `AffineCoupling.inverse` is that equation and
+  `AffineCoupling.forward` its inverse z2 = (x2 - m(x1)) * exp(-s(x1)), whose Jacobian is
+  triangular with log-determinant -sum s(x1).
+- Vectors are (B, D); images are (B, C, H, W). The "channel" axis of a vector is its feature axis,
+  so `ActNorm` and `InvertibleConv1x1` work on both.
+
+Images are expected in the repository's convention (k / 127.5 - 1, dequantized by the caller with
+`modules.likelihood.dequantize`); `NormalizingFlow.bits_per_dim` converts nats with
+`modules.likelihood.bits_per_dim`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from diffusers import ConfigMixin, ModelMixin
+from diffusers.configuration_utils import register_to_config
+from diffusers.utils.torch_utils import randn_tensor
+from einops import einsum, rearrange, reduce
+from torch import nn
+
+from .likelihood import bits_per_dim
+
+__all__ = [
+    "ActNorm",
+    "AffineCoupling",
+    "ConvResNet",
+    "FlowNLLLoss",
+    "FlowSequence",
+    "InvertibleConv1x1",
+    "MLPResNet",
+    "NormalizingFlow",
+    "Squeeze",
+    "standard_normal_log_prob",
+]
+
+
+def _sum_per_example(t: torch.Tensor) -> torch.Tensor:
+    """Sum over all but the batch axis: (B, ...) -> (B,)."""
+    return reduce(t, "b ... -> b", "sum")
+
+
+def _channel_view(v: torch.Tensor, ndim: int) -> torch.Tensor:
+    """A per-channel (C,) tensor shaped to broadcast against a (B, C, ...) tensor with `ndim` axes."""
+    return v.view(1, -1, *([1] * (ndim - 2)))
+
+
+def _spatial_size(x: torch.Tensor) -> int:
+    """H * W for (B, C, H, W), 1 for vectors (B, D)."""
+    return math.prod(x.shape[2:])
+
+
+def standard_normal_log_prob(z: torch.Tensor) -> torch.Tensor:
+    """ln N(z; 0, I) summed over all but the batch axis: (B, ...) -> (B,)."""
+    num_dims = math.prod(z.shape[1:])
+    return -0.5 * _sum_per_example(z.pow(2)) - 0.5 * num_dims * math.log(2 * math.pi)
+
+
+# ---------------------------------------------------------------------------------------------
+# Conditioners: the seed's small ResNets computing s(z1) and m(z1)
+# ---------------------------------------------------------------------------------------------
+
+
+class _ConvBlock(nn.Module):
+    """h + conv3x3(act(conv3x3(act(h)))); per-example, so the coupling stays a function of one datum."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.SiLU(), nn.Conv2d(channels, channels, 3, padding=1),
+            nn.SiLU(), nn.Conv2d(channels, channels, 3, padding=1),
+        )
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.net(h)
+
+
+class ConvResNet(nn.Module):
+    """The images' s/m network: conv3x3 -> `num_blocks` residual blocks -> conv3x3, the last one
+    zero-initialised (so the coupling it drives starts as the identity). No batch statistics:
+    BatchNorm would make h(x) depend on the rest of the batch."""
+
+    def __init__(self, in_channels: int, out_channels: int, hidden_channels: int, num_blocks: int):
+        super().__init__()
+        self.input = nn.Conv2d(in_channels, hidden_channels, 3, padding=1)
+        self.blocks = nn.Sequential(*(_ConvBlock(hidden_channels) for _ in range(num_blocks)))
+        self.output = nn.Sequential(nn.SiLU(), nn.Conv2d(hidden_channels, out_channels, 3, padding=1))
+        nn.init.zeros_(self.output[1].weight)
+        nn.init.zeros_(self.output[1].bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.output(self.blocks(self.input(x)))  # (B, out_channels, H, W)
+
+
+class _LinearBlock(nn.Module):
+    def __init__(self, features: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.SiLU(), nn.Linear(features, features), nn.SiLU(), nn.Linear(features, features))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.net(h)
+
+
+class MLPResNet(nn.Module):
+    """The vectors' s/m network: linear -> `num_blocks` residual blocks -> linear (zero-initialised).
+
+    `fourier_features` > 0 also feeds sin/cos(2^k pi x), k < fourier_features (as in
+    `modules.ddpm.MLPDenoiser`): a plain MLP is slow to fit detail far finer than its input's scale.
+    """
+
+    def __init__(self, in_features: int, out_features: int, hidden_features: int, num_blocks: int,
+                 fourier_features: int = 0):
+        super().__init__()
+        self.register_buffer("frequencies", math.pi * 2.0 ** torch.arange(fourier_features), persistent=False)
+        self.input = nn.Linear(in_features * (1 + 2 * fourier_features), hidden_features)
+        self.blocks = nn.Sequential(*(_LinearBlock(hidden_features) for _ in range(num_blocks)))
+        self.output = nn.Sequential(nn.SiLU(), nn.Linear(hidden_features, out_features))
+        nn.init.zeros_(self.output[1].weight)
+        nn.init.zeros_(self.output[1].bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if len(self.frequencies):
+            angles = rearrange(x[:, :, None] * self.frequencies.to(x.dtype), "b d k -> b (d k)")  # (B, D * K)
+            x = torch.cat([x, angles.sin(), angles.cos()], dim=1)
+        return self.output(self.blocks(self.input(x)))  # (B, out_features)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layers: forward(x) -> (y, logdet) in the data -> latent direction, inverse(y) -> x
+# ---------------------------------------------------------------------------------------------
+
+
+class AffineCoupling(nn.Module):
+    """The seed's affine coupling layer ("jacobienne triangulaire"):
+
+        sampling (inverse):  x1 = z1,   x2 = exp(s(z1)) * z2 + m(z1)
+        h (forward):         z1 = x1,   z2 = (x2 - m(x1)) * exp(-s(x1)),
+        ln |det J_h(x)| = -sum_i s_i(x1),
+
+    since dz/dx is triangular (dz1/dx2 = 0) with diagonal 1 on z1 and exp(-s) on z2. s and m come
+    from one small ResNet (two output heads stacked on the channel axis), s bounded as
+    s = scale_bound * tanh(raw) so one layer never rescales by more than exp(scale_bound); the last
+    layer is zero-initialised so the coupling starts as the identity.
+
+    Args:
+        num_channels: C of (B, C, H, W) images, or D of (B, D) vectors.
+        mask: which part is z1 (left unchanged, conditions s and m):
+            "checkerboard" (images): pixels with (i + j + parity) even, all channels; the network
+                sees x * b and the mask b itself as an extra channel.
+            "channel" (images) / "half" (vectors): the first C // 2 channels (parity 0) or the last
+                C // 2 (parity 1); the network sees only those.
+        parity: 0 or 1; alternate it between consecutive couplings so every entry gets transformed.
+        hidden_channels: width of the ResNet (conv channels or MLP features).
+        num_blocks: residual blocks in the ResNet.
+        scale_bound: the bound on |s|.
+        fourier_features: input frequencies of the vectors' MLP (0: raw input only).
+    """
+
+    def __init__(self, num_channels: int, mask: str = "channel", parity: int = 0, hidden_channels: int = 64,
+                 num_blocks: int = 2, scale_bound: float = 2.0, fourier_features: int = 0):
+        super().__init__()
+        if mask not in ("checkerboard", "channel", "half"):
+            raise ValueError(f"mask must be 'checkerboard', 'channel' or 'half', got {mask!r}")
+        if parity not in (0, 1):
+            raise ValueError(f"parity must be 0 or 1, got {parity}")
+        if mask != "checkerboard" and num_channels < 2:
+            raise ValueError(f"a {mask!r} coupling needs at least 2 channels, got {num_channels}")
+        self.num_channels = num_channels
+        self.mask = mask
+        self.parity = parity
+        self.scale_bound = scale_bound
+        if mask == "checkerboard":
+            self.net = ConvResNet(num_channels + 1, 2 * num_channels, hidden_channels, num_blocks)
+        else:
+            # Split point: parity 0 conditions on x[:, :C // 2]; parity 1 on x[:, C - C // 2:].
+            self.split = num_channels // 2 if parity == 0 else num_channels - num_channels // 2
+            num_conditioning = num_channels // 2
+            num_transformed = num_channels - num_conditioning
+            if mask == "channel":
+                self.net = ConvResNet(num_conditioning, 2 * num_transformed, hidden_channels, num_blocks)
+            else:
+                self.net = MLPResNet(num_conditioning, 2 * num_transformed, hidden_channels, num_blocks,
+                                     fourier_features)
+
+    def _checkerboard(self, x: torch.Tensor) -> torch.Tensor:
+        """b = 1 on the conditioning pixels: (1, 1, H, W)."""
+        h, w = x.shape[-2:]
+        i = torch.arange(h, device=x.device)[:, None]
+        j = torch.arange(w, device=x.device)[None, :]
+        return ((i + j + self.parity) % 2 == 0).to(x.dtype)[None, None]
+
+    def _scale_shift(self, conditioning: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """s(z1) (bounded) and m(z1) from the network's stacked output."""
+        raw, m = rearrange(self.net(conditioning), "b (two c) ... -> two b c ...", two=2)
+        return self.scale_bound * torch.tanh(raw), m
+
+    def _parts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(conditioning z1, transformed z2) parts of a split ("channel"/"half") input."""
+        first, second = x[:, :self.split], x[:, self.split:]
+        return (first, second) if self.parity == 0 else (second, first)
+
+    def _join(self, conditioning: torch.Tensor, transformed: torch.Tensor) -> torch.Tensor:
+        parts = (conditioning, transformed) if self.parity == 0 else (transformed, conditioning)
+        return torch.cat(parts, dim=1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.mask == "checkerboard":
+            b = self._checkerboard(x)  # (1, 1, H, W)
+            s, m = self._scale_shift(torch.cat([x * b, b.expand(x.shape[0], 1, *x.shape[2:])], dim=1))  # (B, C, H, W)
+            s, m = s * (1 - b), m * (1 - b)  # zero on z1: there z = x
+            return (x - m) * torch.exp(-s), -_sum_per_example(s)
+        x1, x2 = self._parts(x)  # (B, C1, ...), (B, C2, ...)
+        s, m = self._scale_shift(x1)  # (B, C2, ...) each
+        return self._join(x1, (x2 - m) * torch.exp(-s)), -_sum_per_example(s)
+
+    def inverse(self, z: torch.Tensor) -> torch.Tensor:
+        if self.mask == "checkerboard":
+            b = self._checkerboard(z)
+            s, m = self._scale_shift(torch.cat([z * b, b.expand(z.shape[0], 1, *z.shape[2:])], dim=1))
+            return torch.exp(s * (1 - b)) * z + m * (1 - b)  # x2 = exp(s(z1)) z2 + m(z1); x1 = z1
+        z1, z2 = self._parts(z)
+        s, m = self._scale_shift(z1)
+        return self._join(z1, torch.exp(s) * z2 + m)
+
+
+class ActNorm(nn.Module):
+    """Glow's activation normalisation: y = (x + bias) * exp(log_scale) per channel,
+    ln |det| = (H * W) * sum_c log_scale_c (H * W = 1 for vectors).
+
+    Data-dependent initialisation: the first `forward` sets bias = -mean and log_scale = -ln std
+    over the batch (and pixels), so that batch comes out with zero mean and unit variance per
+    channel. Whether that happened is the persistent buffer `initialized`, saved in state dicts
+    (`save_pretrained`): a reloaded model does not re-initialise on its next batch (a plain Python
+    attribute, as in several public implementations, is lost on reload).
+    """
+
+    def __init__(self, num_channels: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.bias = nn.Parameter(torch.zeros(num_channels))
+        self.log_scale = nn.Parameter(torch.zeros(num_channels))
+        self.register_buffer("initialized", torch.tensor(False))
+
+    @torch.no_grad()
+    def initialize(self, x: torch.Tensor) -> None:
+        """Set bias and log_scale from the batch x (B, C, ...) and mark the layer initialised."""
+        per_channel = rearrange(x, "b c ... -> c (b ...)")  # (C, N)
+        mean = per_channel.mean(dim=1)
+        std = per_channel.std(dim=1, unbiased=False)
+        self.bias.copy_(-mean)
+        self.log_scale.copy_(-torch.log(std + self.eps))
+        self.initialized.fill_(True)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.initialized:
+            self.initialize(x)
+        bias, log_scale = _channel_view(self.bias, x.ndim), _channel_view(self.log_scale, x.ndim)
+        y = (x + bias) * torch.exp(log_scale)
+        logdet = (_spatial_size(x) * self.log_scale.sum()).expand(x.shape[0])  # (B,)
+        return y, logdet
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        bias, log_scale = _channel_view(self.bias, y.ndim), _channel_view(self.log_scale, y.ndim)
+        return y * torch.exp(-log_scale) - bias
+
+
+class InvertibleConv1x1(nn.Module):
+    """Glow's invertible 1x1 convolution y = W x (per pixel; a plain invertible linear map of
+    vectors), LU-parameterised: W = P L (U + diag(sign_s * exp(log_s))), P a fixed permutation,
+    L unit lower triangular, U strictly upper triangular, so ln |det W| = sum log_s and
+    ln |det J| = (H * W) * sum log_s. Initialised at a random rotation (|det W| = 1).
+    """
+
+    def __init__(self, num_channels: int):
+        super().__init__()
+        q, _ = torch.linalg.qr(torch.randn(num_channels, num_channels))  # random orthogonal
+        p, lower, upper = torch.linalg.lu(q)
+        s = torch.diagonal(upper)
+        self.register_buffer("permutation", p)
+        self.register_buffer("sign_s", torch.sign(s))
+        self.lower = nn.Parameter(torch.tril(lower, -1))
+        self.upper = nn.Parameter(torch.triu(upper, 1))
+        self.log_s = nn.Parameter(torch.log(s.abs()))
+
+    def weight(self) -> torch.Tensor:
+        """W (C_out, C_in) from its LU factors."""
+        eye = torch.eye(self.log_s.shape[0], device=self.log_s.device, dtype=self.log_s.dtype)
+        lower = torch.tril(self.lower, -1) + eye
+        upper = torch.triu(self.upper, 1) + torch.diag(self.sign_s * torch.exp(self.log_s))
+        return self.permutation @ lower @ upper
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = einsum(self.weight(), x, "i j, b j ... -> b i ...")  # (B, C, ...)
+        logdet = (_spatial_size(x) * self.log_s.sum()).expand(x.shape[0])  # (B,)
+        return y, logdet
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        return einsum(torch.linalg.inv(self.weight()), y, "i j, b j ... -> b i ...")
+
+
+class Squeeze(nn.Module):
+    """RealNVP's squeeze: each 2x2 spatial block becomes 4 channels, a permutation (logdet 0).
+    (B, C, H, W) -> (B, 4C, H/2, W/2)."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = rearrange(x, "b c (h h2) (w w2) -> b (c h2 w2) h w", h2=2, w2=2)
+        return y, x.new_zeros(x.shape[0])
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        return rearrange(y, "b (c h2 w2) h w -> b c (h h2) (w w2)", h2=2, w2=2)
+
+
+class FlowSequence(nn.Module):
+    """Composition h = h_K o ... o h_1: ln |det J_h| = sum_k ln |det J_{h_k}| (chain rule)."""
+
+    def __init__(self, layers: Sequence[nn.Module]):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logdet = x.new_zeros(x.shape[0])  # (B,)
+        for layer in self.layers:
+            x, layer_logdet = layer(x)
+            logdet = logdet + layer_logdet
+        return x, logdet
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        for layer in reversed(self.layers):
+            y = layer.inverse(y)
+        return y
+
+
+def flow_step(num_channels: int, mask: str, parity: int, hidden_channels: int, num_blocks: int,
+              scale_bound: float, fourier_features: int = 0) -> FlowSequence:
+    """One Glow step: ActNorm -> invertible 1x1 conv (learned channel mixing) -> affine coupling."""
+    return FlowSequence([
+        ActNorm(num_channels),
+        InvertibleConv1x1(num_channels),
+        AffineCoupling(num_channels, mask, parity, hidden_channels, num_blocks, scale_bound, fourier_features),
+    ])
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------
+
+
+class NormalizingFlow(ModelMixin, ConfigMixin):
+    """p_model(x | theta) = N(h(x; theta); 0, I) |det J_h(x)| with an exactly invertible h.
+
+    Vectors, sample_shape = (D,): `steps_per_scale` steps of [ActNorm, invertible linear map (LU),
+    affine coupling with alternating halves (MLP ResNet)]; `num_scales` is ignored.
+
+    Images, sample_shape = (C, H, W), multi-scale (RealNVP/Glow): for each of `num_scales` scales,
+    squeeze (C, H, W) -> (4C, H/2, W/2), then `steps_per_scale` steps of [ActNorm, invertible 1x1
+    conv, affine coupling (conv ResNet, `coupling_mask`, alternating parity)], then, except after
+    the last scale, split off half the channels: they leave the flow and go straight to the
+    N(0, I) prior. H and W must be divisible by 2 ** num_scales.
+
+    The latent z = h(x) is returned flattened, shape (B, D), D = prod(sample_shape): the
+    factored-out parts in the order they left, each flattened as (c h w), then the final tensor.
+    `inverse` takes the same layout (`latent_shapes` lists the parts' shapes).
+
+    Args:
+        sample_shape: (C, H, W) or (D,).
+        num_scales: scales of the image flow.
+        steps_per_scale: flow steps per scale (all the vector flow's steps).
+        hidden_channels: width of each coupling's ResNet.
+        num_blocks: residual blocks in each coupling's ResNet.
+        scale_bound: |s| <= scale_bound in each coupling.
+        coupling_mask: "channel" (Glow) or "checkerboard" (RealNVP) for image couplings.
+        fourier_features: input frequencies of the vector couplings' MLPs (0: raw input only).
+    """
+
+    @register_to_config
+    def __init__(self, sample_shape: Sequence[int] = (2,), num_scales: int = 2, steps_per_scale: int = 4,
+                 hidden_channels: int = 64, num_blocks: int = 2, scale_bound: float = 2.0,
+                 coupling_mask: str = "channel", fourier_features: int = 0):
+        super().__init__()
+        shape = tuple(int(n) for n in sample_shape)
+        self.num_dims = math.prod(shape)
+        self.is_image = len(shape) == 3
+        if len(shape) == 1:
+            self.scales = nn.ModuleList([FlowSequence([
+                flow_step(shape[0], "half", k % 2, hidden_channels, num_blocks, scale_bound, fourier_features)
+                for k in range(steps_per_scale)
+            ])])
+            self.latent_shapes = [shape]
+            return
+        if len(shape) != 3:
+            raise ValueError(f"sample_shape must be (C, H, W) or (D,), got {shape}")
+        if coupling_mask not in ("channel", "checkerboard"):
+            raise ValueError(f"coupling_mask must be 'channel' or 'checkerboard', got {coupling_mask!r}")
+        c, h, w = shape
+        if h % 2**num_scales or w % 2**num_scales:
+            raise ValueError(f"H and W must be divisible by 2 ** num_scales = {2**num_scales}, got {h}x{w}")
+        scales, self.latent_shapes = [], []
+        for scale in range(num_scales):
+            c, h, w = 4 * c, h // 2, w // 2
+            steps = [flow_step(c, coupling_mask, k % 2, hidden_channels, num_blocks, scale_bound)
+                     for k in range(steps_per_scale)]
+            scales.append(FlowSequence([Squeeze(), *steps]))
+            if scale < num_scales - 1:
+                self.latent_shapes.append((c // 2, h, w))  # factored out
+                c = c - c // 2
+        self.latent_shapes.append((c, h, w))
+        self.scales = nn.ModuleList(scales)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """h(x) and ln |det J_h(x)|: (B, *sample_shape) -> z (B, D), logdet (B,)."""
+        logdet = x.new_zeros(x.shape[0])  # (B,)
+        latents = []
+        for index, scale in enumerate(self.scales):
+            x, scale_logdet = scale(x)  # (B, c, h, w) or (B, D)
+            logdet = logdet + scale_logdet
+            if index < len(self.scales) - 1:
+                factored = self.latent_shapes[index][0]
+                latents.append(x[:, :factored])  # (B, c/2, h, w): to the prior
+                x = x[:, factored:]
+        latents.append(x)
+        z = torch.cat([rearrange(part, "b ... -> b (...)") for part in latents], dim=1)  # (B, D)
+        return z, logdet
+
+    def inverse(self, z: torch.Tensor) -> torch.Tensor:
+        """x = h^{-1}(z): z (B, D) in `forward`'s layout -> (B, *sample_shape)."""
+        sizes = [math.prod(shape) for shape in self.latent_shapes]
+        parts = [part.reshape(-1, *shape) for part, shape in zip(torch.split(z, sizes, dim=1), self.latent_shapes)]
+        x = parts[-1]
+        for index in reversed(range(len(self.scales))):
+            if index < len(self.scales) - 1:
+                x = torch.cat([parts[index], x], dim=1)  # re-attach the factored-out half
+            x = self.scales[index].inverse(x)
+        return x
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """ln p_model(x) = ln N(h(x); 0, I) + ln |det J_h(x)|, exact: (B, ...) -> (B,) nats."""
+        z, logdet = self(x)
+        return standard_normal_log_prob(z) + logdet
+
+    def nll(self, x: torch.Tensor) -> torch.Tensor:
+        """-ln p_model(x) = 1/2 ||h(x)||^2 - ln |det J_h(x)| + D/2 ln 2 pi: (B,) nats."""
+        return -self.log_prob(x)
+
+    def bits_per_dim(self, x: torch.Tensor) -> torch.Tensor:
+        """(B,) bits/dim of images x stored as k / 127.5 - 1 (dequantized), per modules.likelihood."""
+        return bits_per_dim(self.nll(x), self.num_dims)
+
+    @torch.no_grad()
+    def sample(self, num_samples: int, temperature: float = 1.0,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """x = h^{-1}(T z), z ~ N(0, I): (num_samples, *sample_shape). temperature 0 gives h^{-1}(0)."""
+        z = randn_tensor((num_samples, self.num_dims), generator=generator, device=self.device, dtype=self.dtype)
+        return self.inverse(temperature * z)
+
+
+class FlowNLLLoss(nn.Module):
+    """The seed's maximum-likelihood loss L(theta) = 1/N sum_i -ln p_model(x_i | theta)
+    = 1/N sum_i 1/2 ||h(x_i)||^2 - ln |det J_h(x_i)| + cst.
+
+    Returns {"loss": mean NLL per dimension (nats/dim: learning rates do not depend on the data's
+    size), "nll_nats": mean NLL per example (nats)}. Images must be dequantized by the caller
+    (`modules.likelihood.dequantize`) for the NLL to be a bound on the discrete data's.
+    """
+
+    def __init__(self, flow: NormalizingFlow):
+        super().__init__()
+        self.flow = flow
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        nll = self.flow.nll(x).float().mean()
+        return {"loss": nll / self.flow.num_dims, "nll_nats": nll}

@@ -1,0 +1,359 @@
+"""The seed's adversarial network (part VI, "Réseau antagoniste (GAN)"): networks, losses, training.
+
+A generator f(z; theta), z ~ N(0, I), defines p_m(x | theta) implicitly (it need not be invertible,
+only sampled). A discriminator d(x; phi) in (0, 1) gives the lower bound of a divergence
+
+    D(p_m || p_data) >= max_phi  E_{z ~ N(0, I)}[ln(1 - d(f(z; theta); phi))] + E_{x ~ p_data}[ln d(x; phi)]
+
+(the reparameterization trick moved the expectation over p_m onto z), and training solves
+
+    min_theta max_phi  E_z[ln(1 - d(f(z; theta); phi))] + E_x[ln d(x; phi)].
+
+In practice the seed alternates
+  1. one gradient step on phi with  L'_i(phi) = -ln(1 - d(f(z_ech; theta); phi)) - ln d(x_i; phi),
+  2. one gradient step on theta with L''_i(theta) = ln(1 - d(f(z_ech; theta); phi)), "in practice
+     replaced by" the non-saturating -ln d(f(z_ech; theta); phi): both push d(f(z)) towards 1, but
+     when d confidently rejects the fakes (d ~ 0, early in training) ln(1 - d) is flat while
+     -ln d is not, so the generator still gets a gradient.
+
+The discriminator here returns the logit l(x) with d(x) = sigmoid(l(x)); every loss is written in
+logits with softplus(t) = ln(1 + e^t), which never overflows:
+    -ln d(x)     = softplus(-l(x)),        -ln(1 - d(x)) = softplus(l(x)).
+
+Driving the two optimizers (what the one training loop does; `train_step` is a reference):
+
+    for each batch x_real:                              # one loop step = one discriminator step
+        d_optimizer.zero_grad(); module(x_real, phase="discriminator")["loss"].backward(); d_optimizer.step()
+        if module.generator_step_due(step):             # every n_critic-th discriminator step
+            g_optimizer.zero_grad(); module(x_real, phase="generator")["loss"].backward(); g_optimizer.step()
+            ema.update(module.generator)                # EMA of the generator only (modules/ema.EMA)
+
+  - d_optimizer holds `module.discriminator.parameters()`, g_optimizer `module.generator.parameters()`;
+    never one optimizer over `module.parameters()` (each loss would then also move the other player).
+  - The generator's loss backpropagates *through* the discriminator, leaving gradients on phi:
+    zero the discriminator's gradients before its next backward (zero_grad, set_to_none).
+  - The discriminator phase samples fakes under no_grad, so no gradient reaches theta there.
+  - Call the module (its `forward`), not `discriminator_terms` directly, when it is wrapped in
+    DistributedDataParallel: only `forward` synchronises gradients. The discriminator phase leaves
+    the generator's parameters unused, so DDP needs find_unused_parameters=True.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from diffusers import ConfigMixin, ModelMixin
+from diffusers.configuration_utils import register_to_config
+from torch import Tensor, nn
+
+from .ema import EMA
+
+GAN_LOSSES = ("standard", "hinge")
+IMAGE_RESOLUTIONS = (4, 8, 16, 32, 64)
+OUTPUT_ACTIVATIONS = ("tanh", "none")
+
+
+# --------------------------------------------------------------------------------------------- losses
+
+
+def discriminator_loss(real_logits: Tensor, fake_logits: Tensor, kind: str = "standard") -> Tensor:
+    """Batch mean of the discriminator's loss, from logits l = logit d. (B,), (B,) -> ().
+
+    "standard": the seed's L'_i(phi) = -ln d(x_i) - ln(1 - d(f(z)))
+                = softplus(-l(x_i)) + softplus(l(f(z))).
+    "hinge" (Lim & Ye 2017, Miyato et al. 2018): relu(1 - l(x_i)) + relu(1 + l(f(z))).
+    """
+    _check_kind(kind)
+    if kind == "standard":
+        return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
+    return F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()
+
+
+def generator_loss(fake_logits: Tensor, kind: str = "standard") -> Tensor:
+    """Batch mean of the generator's loss, from the logits of its samples. (B,) -> ().
+
+    "standard": the seed's non-saturating replacement of ln(1 - d(f(z))): -ln d(f(z)) = softplus(-l(f(z))).
+    "hinge": -l(f(z)) (the generator side of the hinge GAN).
+    """
+    _check_kind(kind)
+    if kind == "standard":
+        return F.softplus(-fake_logits).mean()
+    return -fake_logits.mean()
+
+
+def r1_penalty(discriminator: Callable[[Tensor], Tensor], real_x: Tensor) -> Tensor:
+    """R1 = E_{x ~ p_data} ||grad_x l(x)||^2 (Mescheder et al. 2018, "Which training methods for
+    GANs actually converge?"), l the discriminator's logit. Built with create_graph=True so that
+    the penalty itself backpropagates into phi. Returns () (mean over the batch)."""
+    x = real_x.detach().requires_grad_(True)
+    return _gradient_penalty(discriminator(x), x)
+
+
+def _gradient_penalty(logits: Tensor, x: Tensor) -> Tensor:
+    # Samples do not interact in the discriminator (no batch norm), so the gradient of the
+    # batch's summed logits holds each sample's own gradient in its row.
+    (grad,) = torch.autograd.grad(logits.sum(), x, create_graph=True)  # (B, *sample_shape)
+    return grad.pow(2).flatten(1).sum(1).mean()
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in GAN_LOSSES:
+        raise ValueError(f"unknown GAN loss {kind!r}; valid: {', '.join(GAN_LOSSES)}")
+
+
+# ------------------------------------------------------------------------------------------- networks
+
+
+def _parse_shape(sample_shape: Sequence[int]) -> tuple[int, ...]:
+    shape = tuple(int(s) for s in sample_shape)
+    if len(shape) == 1:
+        return shape
+    if len(shape) == 3 and shape[1] == shape[2] and shape[1] in IMAGE_RESOLUTIONS:
+        return shape
+    raise ValueError(f"sample_shape must be (D,) or (C, H, H) with H in {IMAGE_RESOLUTIONS}, got {shape}")
+
+
+def _widths(resolution: int, base_channels: int, max_channels: int) -> list[int]:
+    """Channels at resolutions 4, 8, ..., `resolution`: base_channels at full resolution, doubled
+    per halving of it, capped at max_channels."""
+    num_levels = int(math.log2(resolution // 4)) + 1
+    return [min(base_channels * 2 ** (num_levels - 1 - i), max_channels) for i in range(num_levels)]
+
+
+def _norm(kind: str, channels: int, num_groups: int, image: bool) -> nn.Module:
+    if kind == "none":
+        return nn.Identity()
+    if kind == "batch":
+        return nn.BatchNorm2d(channels) if image else nn.BatchNorm1d(channels)
+    if kind == "group":
+        return nn.GroupNorm(math.gcd(num_groups, channels), channels)
+    raise ValueError(f"unknown norm {kind!r}; valid: batch, group, none")
+
+
+class Generator(ModelMixin, ConfigMixin):
+    """f(z; theta): z (B, latent_dim) ~ N(0, I) -> x (B, *sample_shape), the seed's generator.
+
+    Vectors, sample_shape (D,): an MLP, Linear -> [norm] -> ReLU per hidden layer.
+    Images or latents, sample_shape (C, H, H), H in {4, ..., 64} (DCGAN-style): a linear projection
+    of z to (widths[0], 4, 4), then per doubling nearest-neighbour upsampling + 3x3 conv (no
+    checkerboard artefacts of strided transposed convs), each followed by norm + ReLU, and a last
+    3x3 conv to C channels.
+
+    Args:
+        sample_shape: (D,) or (C, H, H).
+        latent_dim: the dimension of z, independent of the data's size.
+        hidden: MLP width (vectors).
+        num_layers: MLP hidden layers (vectors).
+        base_channels: conv width at full resolution, doubled per halving down to 4x4 (images).
+        max_channels: cap on the conv width (images).
+        norm: "batch" (DCGAN), "group" or "none". Batch norm normalises with running statistics
+            in eval mode; "group" behaves the same in both modes.
+        norm_num_groups: groups of "group" norm (gcd with the width is used).
+        output_activation: "tanh" for data in [-1, 1] (pixels), "none" for unbounded data
+            (VAE latents, toy vectors).
+    """
+
+    @register_to_config
+    def __init__(self, sample_shape: Sequence[int] = (2,), latent_dim: int = 64, hidden: int = 256,
+                 num_layers: int = 3, base_channels: int = 64, max_channels: int = 512, norm: str = "batch",
+                 norm_num_groups: int = 8, output_activation: str = "tanh"):
+        super().__init__()
+        shape = _parse_shape(sample_shape)
+        if output_activation not in OUTPUT_ACTIVATIONS:
+            raise ValueError(f"unknown output_activation {output_activation!r}; valid: {', '.join(OUTPUT_ACTIVATIONS)}")
+        self.shape = shape
+        self.activation = nn.Tanh() if output_activation == "tanh" else nn.Identity()
+        if len(shape) == 1:
+            layers, width = [], latent_dim
+            for _ in range(num_layers):
+                layers += [nn.Linear(width, hidden), _norm(norm, hidden, norm_num_groups, False), nn.ReLU()]
+                width = hidden
+            self.net = nn.Sequential(*layers, nn.Linear(width, shape[0]))
+        else:
+            widths = _widths(shape[1], base_channels, max_channels)
+            layers = [nn.Linear(latent_dim, widths[0] * 16), nn.Unflatten(1, (widths[0], 4, 4)), _norm(norm, widths[0], norm_num_groups, True), nn.ReLU()]
+            for c_in, c_out in zip(widths[:-1], widths[1:]):
+                layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c_in, c_out, 3, padding=1),
+                           _norm(norm, c_out, norm_num_groups, True), nn.ReLU()]
+            self.net = nn.Sequential(*layers, nn.Conv2d(widths[-1], shape[0], 3, padding=1))
+
+    def forward(self, z: Tensor) -> Tensor:
+        """(B, latent_dim) -> (B, *sample_shape)."""
+        return self.activation(self.net(z))
+
+    def sample(self, num_samples: int, generator: torch.Generator | None = None) -> Tensor:
+        """x = f(z; theta), z ~ N(0, I): sampling is one forward pass. (num_samples, *sample_shape).
+
+        Gradients flow when enabled (the generator's training uses this); wrap in torch.no_grad()
+        and call .eval() for inference. z is drawn on `generator`'s device when one is given.
+        """
+        device = generator.device if generator is not None else self.device
+        z = torch.randn(num_samples, self.config.latent_dim, generator=generator, device=device)
+        return self(z.to(device=self.device, dtype=self.dtype))
+
+
+class Discriminator(ModelMixin, ConfigMixin):
+    """d(x; phi) as its logit: x (B, *sample_shape) -> l(x) (B,), with d(x) = sigmoid(l(x)).
+
+    Vectors: an MLP with LeakyReLU(0.2). Images (C, H, H): a 3x3 conv, then per halving a 4x4
+    stride-2 conv down to 4x4 (DCGAN), each followed by [norm] + LeakyReLU(0.2), and a linear layer
+    on the flattened 4x4 features. No batch norm: it would couple the samples of a batch, which
+    R1 (a per-sample gradient) and the real/fake batches' separate statistics do not tolerate.
+
+    Args:
+        sample_shape: (D,) or (C, H, H).
+        hidden: MLP width (vectors).
+        num_layers: MLP hidden layers (vectors).
+        base_channels, max_channels: conv widths as in `Generator` (images).
+        norm: "none" or "group" (images).
+        norm_num_groups: groups of "group" norm.
+        spectral_norm: reparameterise every Linear/Conv weight as W / sigma_max(W) (Miyato et al.
+            2018, torch.nn.utils.parametrizations.spectral_norm; sigma_max by one power iteration
+            per training-mode forward), which bounds each layer's Lipschitz constant by ~1.
+    """
+
+    @register_to_config
+    def __init__(self, sample_shape: Sequence[int] = (2,), hidden: int = 256, num_layers: int = 3,
+                 base_channels: int = 64, max_channels: int = 512, norm: str = "none", norm_num_groups: int = 8,
+                 spectral_norm: bool = False):
+        super().__init__()
+        shape = _parse_shape(sample_shape)
+        if norm not in ("none", "group"):
+            raise ValueError(f"discriminator norm must be 'none' or 'group', got {norm!r}")
+        self.shape = shape
+        if len(shape) == 1:
+            layers, width = [], shape[0]
+            for _ in range(num_layers):
+                layers += [nn.Linear(width, hidden), nn.LeakyReLU(0.2)]
+                width = hidden
+            self.net = nn.Sequential(*layers, nn.Linear(width, 1))
+        else:
+            widths = _widths(shape[1], base_channels, max_channels)[::-1]  # full resolution first
+            layers = [nn.Conv2d(shape[0], widths[0], 3, padding=1), nn.LeakyReLU(0.2)]
+            for c_in, c_out in zip(widths[:-1], widths[1:]):
+                layers += [nn.Conv2d(c_in, c_out, 4, stride=2, padding=1), _norm(norm, c_out, norm_num_groups, True),
+                           nn.LeakyReLU(0.2)]
+            self.net = nn.Sequential(*layers, nn.Flatten(), nn.Linear(widths[-1] * 16, 1))
+        if spectral_norm:
+            for module in self.net.modules():
+                if isinstance(module, (nn.Linear, nn.Conv2d)):
+                    nn.utils.parametrizations.spectral_norm(module)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, *sample_shape) -> logits (B,)."""
+        return self.net(x).squeeze(1)
+
+
+# ----------------------------------------------------------------------------------------- training
+
+
+class GANTrainingModule(nn.Module):
+    """The two players and their losses, for a loop with two optimizers (see the module docstring).
+
+    Parameter groups: `self.generator.parameters()` (theta) and `self.discriminator.parameters()` (phi).
+
+    Args:
+        generator: f(z; theta).
+        discriminator: logit of d(x; phi).
+        loss: "standard" (the seed's L' and non-saturating L'') or "hinge".
+        r1_gamma: weight gamma of the R1 penalty, added to the discriminator's loss as
+            gamma / 2 * E||grad_x l(x)||^2 (Mescheder et al.'s convention); 0 turns it off.
+        n_critic: discriminator steps per generator step: the loop steps the discriminator on
+            every batch and the generator when `generator_step_due(step)`, i.e. after every
+            n_critic-th discriminator step (1: the seed's strict alternation).
+    """
+
+    def __init__(self, generator: Generator, discriminator: Discriminator, loss: str = "standard",
+                 r1_gamma: float = 0.0, n_critic: int = 1):
+        super().__init__()
+        _check_kind(loss)
+        if n_critic < 1:
+            raise ValueError(f"n_critic must be >= 1, got {n_critic}")
+        self.generator = generator
+        self.discriminator = discriminator
+        self.loss_kind = loss
+        self.r1_gamma = r1_gamma
+        self.n_critic = n_critic
+
+    def discriminator_terms(self, x_real: Tensor) -> dict[str, Tensor]:
+        """The seed's L'(phi) on a batch of real data and as many fresh fakes (detached: no
+        gradient reaches theta), plus the R1 penalty on the real batch.
+
+        Returns loss (the total to backpropagate), d_real = mean d(x), d_fake = mean d(f(z)),
+        r1 = E||grad_x l(x)||^2 (0 when r1_gamma is 0), all ().
+        """
+        with torch.no_grad():
+            x_fake = self.generator.sample(x_real.shape[0])  # (B, *sample_shape)
+        if self.r1_gamma:
+            x_real = x_real.detach().requires_grad_(True)
+        real_logits = self.discriminator(x_real)  # (B,)
+        fake_logits = self.discriminator(x_fake)  # (B,)
+        loss = discriminator_loss(real_logits, fake_logits, self.loss_kind)
+        if self.r1_gamma:
+            r1 = _gradient_penalty(real_logits, x_real)  # reuses the real batch's forward pass
+            loss = loss + 0.5 * self.r1_gamma * r1
+        else:
+            r1 = torch.zeros((), device=loss.device)
+        return {"loss": loss, "d_real": torch.sigmoid(real_logits.detach()).mean(),
+                "d_fake": torch.sigmoid(fake_logits.detach()).mean(), "r1": r1.detach()}
+
+    def generator_terms(self, batch_size: int) -> dict[str, Tensor]:
+        """The generator's loss on `batch_size` fresh samples (non-saturating -ln d(f(z)) for
+        "standard"); its gradient flows through the discriminator into theta (and leaves
+        gradients on phi, to be zeroed before the discriminator's next step).
+
+        Returns loss and d_fake = mean d(f(z)), both ().
+        """
+        fake_logits = self.discriminator(self.generator.sample(batch_size))  # (B,)
+        return {"loss": generator_loss(fake_logits, self.loss_kind),
+                "d_fake": torch.sigmoid(fake_logits.detach()).mean()}
+
+    def generator_step_due(self, discriminator_steps: int) -> bool:
+        """Whether the generator steps after the discriminator's `discriminator_steps`-th step (1-based)."""
+        return discriminator_steps % self.n_critic == 0
+
+    def forward(self, x_real: Tensor, phase: str = "discriminator") -> dict[str, Tensor]:
+        """`discriminator_terms(x_real)` or `generator_terms(len(x_real))` by `phase`, through
+        forward so that a DDP wrapper synchronises the gradients."""
+        if phase == "discriminator":
+            return self.discriminator_terms(x_real)
+        if phase == "generator":
+            return self.generator_terms(x_real.shape[0])
+        raise ValueError(f"phase must be 'discriminator' or 'generator', got {phase!r}")
+
+
+def train_step(module: nn.Module, x_real: Tensor, d_optimizer: torch.optim.Optimizer,
+               g_optimizer: torch.optim.Optimizer, step: int, generator_ema: EMA | None = None,
+               backward: Callable[[Tensor], None] = Tensor.backward) -> dict[str, Tensor]:
+    """One step of the seed's alternation, a reference for the training loop: a gradient step on
+    phi with L'(phi) on `x_real`, then, when `generator_step_due(step)`, a gradient step on theta
+    with the generator loss (and an EMA update of the generator).
+
+    Args:
+        module: a `GANTrainingModule`, possibly wrapped (DDP, Accelerate): it is called, and its
+            n_critic read from the unwrapped module.
+        x_real: (B, *sample_shape) real data.
+        d_optimizer, g_optimizer: over the discriminator's and the generator's parameters.
+        step: 1-based count of discriminator steps, this one included.
+        generator_ema: `EMA(module.generator, decay)`, updated after each generator step.
+        backward: e.g. `accelerator.backward`.
+
+    Returns the discriminator's terms, plus g_loss when the generator stepped.
+    """
+    gan = getattr(module, "module", module)
+    d_optimizer.zero_grad(set_to_none=True)  # also drops phi's gradients left by the generator's loss
+    terms = module(x_real, phase="discriminator")
+    backward(terms["loss"])
+    d_optimizer.step()
+    if gan.generator_step_due(step):
+        g_optimizer.zero_grad(set_to_none=True)
+        g_terms = module(x_real, phase="generator")
+        backward(g_terms["loss"])
+        g_optimizer.step()
+        if generator_ema is not None:
+            generator_ema.update(gan.generator)
+        terms["g_loss"] = g_terms["loss"]
+    return terms
