@@ -123,24 +123,21 @@ class _LinearBlock(nn.Module):
 class MLPResNet(nn.Module):
     """The vectors' s/m network: linear -> `num_blocks` residual blocks -> linear (zero-initialised).
 
-    `fourier_features` > 0 also feeds sin/cos(2^k pi x), k < fourier_features (as in
-    `modules.ddpm.MLPDenoiser`): a plain MLP is slow to fit detail far finer than its input's scale.
+    (No Fourier input features, unlike `modules.ddpm.MLPDenoiser`: inside a flow the conditioner's
+    input is an already-transformed coordinate, and with 4 frequencies (sin/cos(2^k pi x)) the
+    validation NLL on ring8 (std 0.01) ended at +48 nats after 25 s of training, against -2.0
+    without.)
     """
 
-    def __init__(self, in_features: int, out_features: int, hidden_features: int, num_blocks: int,
-                 fourier_features: int = 0):
+    def __init__(self, in_features: int, out_features: int, hidden_features: int, num_blocks: int):
         super().__init__()
-        self.register_buffer("frequencies", math.pi * 2.0 ** torch.arange(fourier_features), persistent=False)
-        self.input = nn.Linear(in_features * (1 + 2 * fourier_features), hidden_features)
+        self.input = nn.Linear(in_features, hidden_features)
         self.blocks = nn.Sequential(*(_LinearBlock(hidden_features) for _ in range(num_blocks)))
         self.output = nn.Sequential(nn.SiLU(), nn.Linear(hidden_features, out_features))
         nn.init.zeros_(self.output[1].weight)
         nn.init.zeros_(self.output[1].bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if len(self.frequencies):
-            angles = rearrange(x[:, :, None] * self.frequencies.to(x.dtype), "b d k -> b (d k)")  # (B, D * K)
-            x = torch.cat([x, angles.sin(), angles.cos()], dim=1)
         return self.output(self.blocks(self.input(x)))  # (B, out_features)
 
 
@@ -172,11 +169,10 @@ class AffineCoupling(nn.Module):
         hidden_channels: width of the ResNet (conv channels or MLP features).
         num_blocks: residual blocks in the ResNet.
         scale_bound: the bound on |s|.
-        fourier_features: input frequencies of the vectors' MLP (0: raw input only).
     """
 
     def __init__(self, num_channels: int, mask: str = "channel", parity: int = 0, hidden_channels: int = 64,
-                 num_blocks: int = 2, scale_bound: float = 2.0, fourier_features: int = 0):
+                 num_blocks: int = 2, scale_bound: float = 2.0):
         super().__init__()
         if mask not in ("checkerboard", "channel", "half"):
             raise ValueError(f"mask must be 'checkerboard', 'channel' or 'half', got {mask!r}")
@@ -198,8 +194,7 @@ class AffineCoupling(nn.Module):
             if mask == "channel":
                 self.net = ConvResNet(num_conditioning, 2 * num_transformed, hidden_channels, num_blocks)
             else:
-                self.net = MLPResNet(num_conditioning, 2 * num_transformed, hidden_channels, num_blocks,
-                                     fourier_features)
+                self.net = MLPResNet(num_conditioning, 2 * num_transformed, hidden_channels, num_blocks)
 
     def _checkerboard(self, x: torch.Tensor) -> torch.Tensor:
         """b = 1 on the conditioning pixels: (1, 1, H, W)."""
@@ -250,7 +245,9 @@ class ActNorm(nn.Module):
     over the batch (and pixels), so that batch comes out with zero mean and unit variance per
     channel. Whether that happened is the persistent buffer `initialized`, saved in state dicts
     (`save_pretrained`): a reloaded model does not re-initialise on its next batch (a plain Python
-    attribute, as in several public implementations, is lost on reload).
+    attribute, as in several public implementations, is lost on reload). Under torch.distributed
+    the statistics are averaged over processes (equal per-process batches assumed), so every
+    replica starts from the same parameters: DDP only averages gradients afterwards.
     """
 
     def __init__(self, num_channels: int, eps: float = 1e-6):
@@ -264,8 +261,12 @@ class ActNorm(nn.Module):
     def initialize(self, x: torch.Tensor) -> None:
         """Set bias and log_scale from the batch x (B, C, ...) and mark the layer initialised."""
         per_channel = rearrange(x, "b c ... -> c (b ...)")  # (C, N)
-        mean = per_channel.mean(dim=1)
-        std = per_channel.std(dim=1, unbiased=False)
+        moments = torch.stack([per_channel.mean(dim=1), per_channel.pow(2).mean(dim=1)])  # (2, C)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(moments)
+            moments = moments / torch.distributed.get_world_size()
+        mean, second_moment = moments
+        std = (second_moment - mean.pow(2)).clamp_min(0).sqrt()
         self.bias.copy_(-mean)
         self.log_scale.copy_(-torch.log(std + self.eps))
         self.initialized.fill_(True)
@@ -350,12 +351,12 @@ class FlowSequence(nn.Module):
 
 
 def flow_step(num_channels: int, mask: str, parity: int, hidden_channels: int, num_blocks: int,
-              scale_bound: float, fourier_features: int = 0) -> FlowSequence:
+              scale_bound: float) -> FlowSequence:
     """One Glow step: ActNorm -> invertible 1x1 conv (learned channel mixing) -> affine coupling."""
     return FlowSequence([
         ActNorm(num_channels),
         InvertibleConv1x1(num_channels),
-        AffineCoupling(num_channels, mask, parity, hidden_channels, num_blocks, scale_bound, fourier_features),
+        AffineCoupling(num_channels, mask, parity, hidden_channels, num_blocks, scale_bound),
     ])
 
 
@@ -387,21 +388,22 @@ class NormalizingFlow(ModelMixin, ConfigMixin):
         hidden_channels: width of each coupling's ResNet.
         num_blocks: residual blocks in each coupling's ResNet.
         scale_bound: |s| <= scale_bound in each coupling.
-        coupling_mask: "channel" (Glow) or "checkerboard" (RealNVP) for image couplings.
-        fourier_features: input frequencies of the vector couplings' MLPs (0: raw input only).
+        coupling_mask: "channel" (Glow) or "checkerboard" (RealNVP) for image couplings. The
+            couplings act after each squeeze, so a checkerboard at 1x1 resolution (the last scale
+            of a fully squeezed image) degenerates to an input-independent affine map.
     """
 
     @register_to_config
     def __init__(self, sample_shape: Sequence[int] = (2,), num_scales: int = 2, steps_per_scale: int = 4,
                  hidden_channels: int = 64, num_blocks: int = 2, scale_bound: float = 2.0,
-                 coupling_mask: str = "channel", fourier_features: int = 0):
+                 coupling_mask: str = "channel"):
         super().__init__()
         shape = tuple(int(n) for n in sample_shape)
         self.num_dims = math.prod(shape)
         self.is_image = len(shape) == 3
         if len(shape) == 1:
             self.scales = nn.ModuleList([FlowSequence([
-                flow_step(shape[0], "half", k % 2, hidden_channels, num_blocks, scale_bound, fourier_features)
+                flow_step(shape[0], "half", k % 2, hidden_channels, num_blocks, scale_bound)
                 for k in range(steps_per_scale)
             ])])
             self.latent_shapes = [shape]

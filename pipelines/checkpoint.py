@@ -46,12 +46,14 @@ def read_trainer_state(checkpoint: Path) -> dict:
     return json.loads((checkpoint / TRAINER_STATE).read_text())
 
 
-def save_checkpoint(accelerator: Accelerator, root: Path, step: int, write_extra, total_limit: int | None) -> Path:
+def save_checkpoint(accelerator: Accelerator, root: Path, trainer_state: dict, write_extra,
+                    total_limit: int | None) -> Path:
     """Save the full training state atomically; every process must call this.
 
-    `write_extra(folder)` is called on the main process to add files (EMA weights, config)
-    before the folder becomes visible.
+    `trainer_state` (JSON: at least the step) is written last; `write_extra(folder)` is called on
+    the main process to add files (EMA and best weights, config) before the folder becomes visible.
     """
+    step = trainer_state["step"]
     final = root / f"checkpoint-{step}"
     tmp = root / f".tmp-checkpoint-{step}"
     if accelerator.is_main_process:
@@ -62,7 +64,7 @@ def save_checkpoint(accelerator: Accelerator, root: Path, step: int, write_extra
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_extra(tmp)
-        _write_json_synced(tmp / TRAINER_STATE, {"step": step})
+        _write_json_synced(tmp / TRAINER_STATE, trainer_state)
         if final.exists():  # re-saving the same step, e.g. after a resume at that step
             shutil.rmtree(final)
         os.replace(tmp, final)

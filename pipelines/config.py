@@ -41,6 +41,11 @@ class TrainingConfig:
     gradient_accumulation_steps: int = 1
     max_grad_norm: Optional[float] = 1.0
     ema_decay: Optional[float] = None
+    # Early stopping on the validation split (the seed's practice for flows): validate every
+    # `eval_every` steps, stop after `early_stopping_patience` validations without improvement,
+    # and keep the best weights (they are the ones exported).
+    eval_every: Optional[int] = None
+    early_stopping_patience: Optional[int] = None
     log_every: int = 10
     sample_every: Optional[int] = None
     checkpointing_steps: Optional[int] = None
@@ -62,7 +67,10 @@ class TrainingConfig:
         _require(self.ema_decay is None or 0 < self.ema_decay < 1, "ema_decay", self.ema_decay,
                  "a number in (0, 1) or null")
         _require(self.log_every >= 1, "log_every", self.log_every, "an integer >= 1")
-        for key in ("sample_every", "checkpointing_steps", "checkpoints_total_limit"):
+        _require(self.early_stopping_patience is None or self.eval_every is not None, "early_stopping_patience",
+                 self.early_stopping_patience, "null unless eval_every is set (it counts validations)")
+        for key in ("eval_every", "early_stopping_patience", "sample_every", "checkpointing_steps",
+                    "checkpoints_total_limit"):
             value = getattr(self, key)
             _require(value is None or value >= 1, key, value, "an integer >= 1 or null")
         _require(self.num_workers >= 0, "num_workers", self.num_workers, "an integer >= 0")

@@ -69,3 +69,31 @@ def _encode(vae: AutoencoderKL, dataset, mode: str, batch_size: int) -> tuple[to
         latents.append((z * vae.config.scaling_factor).cpu())
         labels.append(batch["label"])
     return torch.cat(latents).contiguous(), torch.cat(labels)
+
+
+def check_vae_input(stage_name: str, data: DataSplits, input_dir: Path) -> Path:
+    """The VAE folder of an `input:` stage, checked against the data it will encode."""
+    vae_dir = input_dir / "vae"
+    if not (vae_dir / "config.json").is_file():
+        raise ValueError(f"stages.{stage_name}.input: {input_dir} holds no trained VAE (no vae/config.json)")
+    vae = AutoencoderKL.load_config(vae_dir)
+    channels, resolution, _ = data.sample_shape
+    if vae["in_channels"] != channels or vae["sample_size"] != resolution:
+        raise ValueError(
+            f"stages.{stage_name}.input: the VAE in {vae_dir} was trained on {vae['in_channels']}x"
+            f"{vae['sample_size']}x{vae['sample_size']} images, the data is {channels}x{resolution}x{resolution}")
+    return vae_dir
+
+
+def sample_posterior(x: torch.Tensor) -> torch.Tensor:
+    """z = mean + std * eps from a latent batch cached with mode "sample" ([mean, std] on channels)."""
+    mean, std = x.chunk(2, dim=1)
+    return mean + std * torch.randn_like(mean)
+
+
+@torch.no_grad()
+def decode_latents(vae_dir: Path, z: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Images in [-1, 1] from scaled latents z (the VAE's scaling_factor undone)."""
+    vae = AutoencoderKL.from_pretrained(vae_dir).to(z.device).eval()
+    return torch.cat([vae.decode(chunk / vae.config.scaling_factor).sample
+                      for chunk in z.split(batch_size)]).clamp(-1, 1)

@@ -2,11 +2,13 @@
 
 from .stages.base import Stage
 from .stages.ddpm import DDPMStage
+from .stages.flow import FlowStage
 from .stages.vae import VAEStage
 
 STAGE_KINDS: dict[str, type[Stage]] = {
     VAEStage.kind: VAEStage,
     DDPMStage.kind: DDPMStage,
+    FlowStage.kind: FlowStage,
 }
 
 

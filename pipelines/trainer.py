@@ -77,18 +77,22 @@ def train_stage(accelerator: Accelerator, stage: Stage, run: RunConfig,
     set_seed(run.seed, device_specific=True)
 
     step = 0
+    stopper = _EarlyStopping(stage.monitor, cfg.early_stopping_patience)
     checkpoint = resolve_checkpoint(cfg.resume_from_checkpoint, checkpoints_dir)
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))  # model, optimizer, schedule, RNG states
-        step = read_trainer_state(checkpoint)["step"]
+        state = read_trainer_state(checkpoint)
+        step = state["step"]
         if ema is not None:
             ema.load_state_dict(load_file(checkpoint / "ema.safetensors"))
+        stopper.load(state, checkpoint)
         accelerator.print(f"[{name}] resumed from {checkpoint} at step {step}")
 
     def write_checkpoint_extras(folder: Path) -> None:
         save_config(run, folder / "config.yaml")
         if ema is not None:
             save_file(ema.state_dict(), folder / "ema.safetensors")
+        stopper.save(folder)
 
     preview_batch = torch.stack([stage.data.validation[i]["x"] for i in range(min(16, len(stage.data.validation)))])
     images_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes
@@ -125,16 +129,32 @@ def train_stage(accelerator: Accelerator, stage: Stage, run: RunConfig,
             if accelerator.is_main_process:
                 with open(stage_dir / "history.jsonl", "a") as f:
                     f.write(json.dumps({"step": step, **logs}) + "\n")
+        if cfg.eval_every and step % cfg.eval_every == 0:
+            model.eval()
+            with isolated_rng(run.seed):
+                val = stage.validate(_eval_model(accelerator, model, ema), val_loader, accelerator)
+            model.train()
+            accelerator.log({f"{name}/val/{k}": v for k, v in val.items()}, step=step)
+            if accelerator.is_main_process:
+                with open(stage_dir / "history.jsonl", "a") as f:
+                    f.write(json.dumps({"step": step, **{f"val/{k}": v for k, v in val.items()}}) + "\n")
+            if stopper.update(val, step, _eval_model(accelerator, model, ema)):
+                accelerator.print(f"[{name}] early stopping at step {step}: validation {stage.monitor} has not "
+                                  f"improved for {cfg.early_stopping_patience} validations; best "
+                                  f"{stopper.best:.6g} at step {stopper.best_step}")
+                break
         if cfg.sample_every and step % cfg.sample_every == 0 and accelerator.is_main_process:
             _save_preview(stage, _eval_model(accelerator, model, ema), preview_batch, run.seed,
                           stage_dir / "samples" / f"step-{step:06d}.png")
         if cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0:
             meter.flush(step, name, checkpoints_dir, keep=True)  # never checkpoint NaN weights
-            save_checkpoint(accelerator, checkpoints_dir, step, write_checkpoint_extras, cfg.checkpoints_total_limit)
+            save_checkpoint(accelerator, checkpoints_dir, {"step": step, **stopper.state()},
+                            write_checkpoint_extras, cfg.checkpoints_total_limit)
     progress.close()
     train_seconds = time.perf_counter() - started
 
     final = _eval_model(accelerator, model, ema)
+    stopper.restore_best(final)  # with early stopping, the best validated weights are the result
     final.eval()
     with isolated_rng(run.seed):
         metrics = stage.evaluate(final, val_loader, accelerator)
@@ -183,6 +203,45 @@ def _save_preview(stage: Stage, model, batch: torch.Tensor, seed: int, path: Pat
         images = stage.preview(model, batch.to(next(model.parameters()).device))
     save_grid(images, path, nrow=8)
     model.train(was_training)
+
+
+class _EarlyStopping:
+    """Tracks the best validation value of `monitor` (lower is better) and the weights that had it.
+
+    The best weights live in memory and in each checkpoint (`best.safetensors`), so a resumed run
+    keeps them and its patience count.
+    """
+
+    def __init__(self, monitor: str, patience: int | None):
+        self.monitor, self.patience = monitor, patience
+        self.best, self.best_step, self.bad_validations, self.best_weights = math.inf, None, 0, None
+
+    def update(self, metrics: dict[str, float], step: int, model: torch.nn.Module) -> bool:
+        """Record a validation; True when patience has run out."""
+        value = metrics[self.monitor]
+        if value < self.best:
+            self.best, self.best_step, self.bad_validations = value, step, 0
+            self.best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            self.bad_validations += 1
+        return self.patience is not None and self.bad_validations >= self.patience
+
+    def restore_best(self, model: torch.nn.Module) -> None:
+        if self.best_weights is not None:
+            model.load_state_dict(self.best_weights)
+
+    def state(self) -> dict:
+        return {"best": self.best, "best_step": self.best_step, "bad_validations": self.bad_validations}
+
+    def save(self, folder: Path) -> None:
+        if self.best_weights is not None:
+            save_file({k: v.contiguous() for k, v in self.best_weights.items()}, folder / "best.safetensors")
+
+    def load(self, state: dict, checkpoint: Path) -> None:
+        self.best, self.best_step = state.get("best", math.inf), state.get("best_step")
+        self.bad_validations = state.get("bad_validations", 0)
+        if (checkpoint / "best.safetensors").is_file():
+            self.best_weights = load_file(checkpoint / "best.safetensors")
 
 
 class _LossMeter:

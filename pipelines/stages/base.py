@@ -34,6 +34,7 @@ class Stage(abc.ABC):
     kind: ClassVar[str]
     model_config: ClassVar[type]
     accepts_input: ClassVar[bool] = False  # whether `input:` may name an earlier stage
+    monitor: ClassVar[str]  # the `validate` metric (lower is better) that early stopping watches
 
     def __init__(self, config: StageConfig, data: DataSplits, input_dir: Path | None = None):
         if input_dir is not None and not self.accepts_input:
@@ -53,8 +54,12 @@ class Stage(abc.ABC):
         return x
 
     @abc.abstractmethod
+    def validate(self, model: nn.Module, loader, accelerator: Accelerator) -> dict[str, float]:
+        """Cheap validation metrics over `loader`, including `monitor` (all processes call this)."""
+
     def evaluate(self, model: nn.Module, loader, accelerator: Accelerator) -> dict[str, float]:
-        """Validation metrics over `loader` (all processes call this)."""
+        """The final metrics: `validate`, plus whatever is too costly to compute during training."""
+        return self.validate(model, loader, accelerator)
 
     @abc.abstractmethod
     def preview(self, model: nn.Module, batch: torch.Tensor) -> torch.Tensor:

@@ -16,12 +16,12 @@ from typing import Literal
 import numpy as np
 import torch
 from accelerate import Accelerator
-from diffusers import AutoencoderKL, DDPMPipeline, DDPMScheduler, UNet2DModel
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
 from ...modules.ddpm import EpsilonPredictionLoss, MLPDenoiser
 from ..diffusion import LatentDiffusionPipeline, denoise, make_sampler
 from ..evaluation import generation_metrics
-from ..latents import cached_latents
+from ..latents import cached_latents, check_vae_input, decode_latents, sample_posterior
 from .base import Stage
 from .vae import load_vae
 
@@ -70,21 +70,12 @@ class DDPMStage(Stage):
     kind = "ddpm"
     model_config = DDPMModelConfig
     accepts_input = True
+    monitor = "val_loss"
 
     def __init__(self, config, data, input_dir: Path | None = None):
         super().__init__(config, data, input_dir)
         self.pixel_data = data  # the reference for sample metrics, also when training on latents
-        self.vae_dir = None
-        if input_dir is not None:
-            self.vae_dir = input_dir / "vae"
-            if not (self.vae_dir / "config.json").is_file():
-                raise ValueError(f"stages.{config.name}.input: {input_dir} holds no trained VAE (no vae/config.json)")
-            vae = AutoencoderKL.load_config(self.vae_dir)
-            channels, resolution, _ = data.sample_shape
-            if vae["in_channels"] != channels or vae["sample_size"] != resolution:
-                raise ValueError(
-                    f"stages.{config.name}.input: the VAE in {self.vae_dir} was trained on {vae['in_channels']}x"
-                    f"{vae['sample_size']}x{vae['sample_size']} images, the data is {channels}x{resolution}x{resolution}")
+        self.vae_dir = check_vae_input(config.name, data, input_dir) if input_dir is not None else None
 
     def setup(self, accelerator: Accelerator, stage_dir: Path) -> None:
         if self.vae_dir is not None:
@@ -111,21 +102,25 @@ class DDPMStage(Stage):
 
     def training_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.data.kind == "latent" and self.config.model.latents == "sample":
-            mean, std = x.chunk(2, dim=1)
-            return mean + std * torch.randn_like(mean)
+            return sample_posterior(x)
         return x
 
     @torch.no_grad()
-    def evaluate(self, model: EpsilonPredictionLoss, loader, accelerator: Accelerator) -> dict[str, float]:
-        """Validation eps-loss, then metrics of samples drawn with the configured sampler."""
+    def validate(self, model: EpsilonPredictionLoss, loader, accelerator: Accelerator) -> dict[str, float]:
+        """The eps-prediction loss on the validation split (latents: their posterior means)."""
         total, count = torch.zeros((), device=accelerator.device, dtype=torch.float64), 0
         for batch in loader:
             x = batch["x"][:, : self.data.sample_shape[0]] if self.data.kind == "latent" else batch["x"]
             loss = model(x)["loss"]
             total += loss.double() * x.shape[0]
             count += x.shape[0]
-        metrics = {"val_loss": (accelerator.reduce(total, "sum") / accelerator.reduce(
+        return {"val_loss": (accelerator.reduce(total, "sum") / accelerator.reduce(
             torch.tensor(count, device=accelerator.device), "sum")).item()}
+
+    @torch.no_grad()
+    def evaluate(self, model: EpsilonPredictionLoss, loader, accelerator: Accelerator) -> dict[str, float]:
+        """`validate`, then metrics of samples drawn with the configured sampler."""
+        metrics = self.validate(model, loader, accelerator)
         if accelerator.is_main_process:
             metrics.update(self._sample_metrics(model, accelerator.device))
         return metrics
@@ -152,8 +147,7 @@ class DDPMStage(Stage):
         z = denoise(network, make_sampler(sampler, train_scheduler.config), shape, steps, generator, device)
         if self.data.kind != "latent":
             return z.clamp(-1, 1) if self.data.kind == "image" else z
-        vae = load_vae(self.vae_dir, device)
-        return torch.cat([vae.decode(chunk / vae.config.scaling_factor).sample for chunk in z.split(256)]).clamp(-1, 1)
+        return decode_latents(self.vae_dir, z)
 
     def export(self, model: EpsilonPredictionLoss, stage_dir: Path) -> None:
         network, scheduler = model.network, model.scheduler
@@ -180,8 +174,7 @@ class DDPMStage(Stage):
         z = denoise(network, make_sampler(sampler, train_scheduler.config), shape, steps, generator, device,
                     progress=True)
         if space == "latent":
-            vae = load_vae(stage_dir / "vae", device)
-            z = vae.decode(z / vae.config.scaling_factor).sample
+            return decode_latents(stage_dir / "vae", z)
         return z.clamp(-1, 1) if space != "vector" else z
 
 

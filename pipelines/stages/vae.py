@@ -50,6 +50,7 @@ class VAEModelConfig:
 class VAEStage(Stage):
     kind = "vae"
     model_config = VAEModelConfig
+    monitor = "neg_elbo_nats"
 
     def __init__(self, config, data, input_dir=None):
         super().__init__(config, data, input_dir)
@@ -73,7 +74,7 @@ class VAEStage(Stage):
         return dequantize(x) if self.config.model.dequantize else x
 
     @torch.no_grad()
-    def evaluate(self, model: GaussianVAE, loader, accelerator: Accelerator) -> dict[str, float]:
+    def validate(self, model: GaussianVAE, loader, accelerator: Accelerator) -> dict[str, float]:
         """The true bound (beta = 1) on the validation split: negative ELBO in nats and bits/dim,
         its reconstruction and KL terms, and the mean squared error of the posterior-mean reconstruction."""
         sums = torch.zeros(4, dtype=torch.float64, device=accelerator.device)

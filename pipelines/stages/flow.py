@@ -1,0 +1,150 @@
+"""The normalizing flow (seed part III) as a stage: on pixels, 2D vectors or VAE latents.
+
+Trained by maximum likelihood (-ln p(x) = 1/2 ||h(x)||^2 - ln |det J_h(x)| + cst) with the seed's
+early stopping on the validation split (`training.eval_every`, `training.early_stopping_patience`;
+the best weights are exported). Exports `flow/` (a `NormalizingFlow`, safetensors) and, on latents,
+a copy of the VAE in `vae/`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from accelerate import Accelerator
+
+from ...modules.flows import FlowNLLLoss, NormalizingFlow
+from ...modules.likelihood import bits_per_dim, dequantize
+from ..evaluation import generation_metrics
+from ..latents import cached_latents, check_vae_input, decode_latents, sample_posterior
+from .base import Stage
+from .ddpm import scatter_image
+from .vae import load_vae
+
+ACTNORM_INIT_EXAMPLES = 256
+
+
+@dataclass
+class FlowModelConfig:
+    """The `model:` block of a `kind: flow` stage (see `NormalizingFlow` for the architecture)."""
+
+    num_scales: int = 2
+    steps_per_scale: int = 4
+    hidden_channels: int = 64
+    num_blocks: int = 2
+    scale_bound: float = 2.0
+    coupling_mask: Literal["channel", "checkerboard"] = "channel"
+    latents: Literal["mean", "sample"] = "mean"
+    temperature: float = 1.0  # sampling temperature for previews and evaluation
+    num_eval_samples: int = 1000
+
+    def __post_init__(self):
+        for key in ("num_scales", "steps_per_scale", "hidden_channels", "num_blocks", "num_eval_samples"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key}: {getattr(self, key)!r} is not valid; expected an integer >= 1")
+        if self.scale_bound <= 0 or self.temperature < 0:
+            raise ValueError("scale_bound must be > 0 and temperature >= 0")
+
+
+class FlowStage(Stage):
+    kind = "flow"
+    model_config = FlowModelConfig
+    accepts_input = True
+    monitor = "val_nll_nats"
+
+    def __init__(self, config, data, input_dir: Path | None = None):
+        super().__init__(config, data, input_dir)
+        self.pixel_data = data
+        self.vae_dir = check_vae_input(config.name, data, input_dir) if input_dir is not None else None
+        if data.kind == "image" and self.vae_dir is None:
+            size, factor = data.sample_shape[1], 2 ** config.model.num_scales
+            if size % factor:
+                raise ValueError(f"stages.{config.name}.model.num_scales: {config.model.num_scales} scales halve "
+                                 f"the resolution {config.model.num_scales} times; {size} is not divisible by {factor}")
+
+    def setup(self, accelerator: Accelerator, stage_dir: Path) -> None:
+        if self.vae_dir is not None:
+            self.data = cached_latents(self.vae_dir, self.data, self.config.model.latents, stage_dir / "cache",
+                                       accelerator)
+
+    def build_model(self) -> FlowNLLLoss:
+        cfg = self.config.model
+        flow = NormalizingFlow(sample_shape=list(self.data.sample_shape), num_scales=cfg.num_scales,
+                               steps_per_scale=cfg.steps_per_scale, hidden_channels=cfg.hidden_channels,
+                               num_blocks=cfg.num_blocks, scale_bound=cfg.scale_bound,
+                               coupling_mask=cfg.coupling_mask)
+        # ActNorm's data-dependent initialisation, on the same first training examples in every
+        # process (so distributed replicas start identical).
+        count = min(ACTNORM_INIT_EXAMPLES, len(self.data.train))
+        x = torch.stack([self.data.train[i]["x"] for i in range(count)])
+        with torch.no_grad():
+            flow(self.training_input(x))
+        return FlowNLLLoss(flow)
+
+    def training_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.data.kind == "image":
+            return dequantize(x)  # a density on continuous data bounds the discrete likelihood
+        if self.data.kind == "latent" and self.config.model.latents == "sample":
+            return sample_posterior(x)
+        return x
+
+    @torch.no_grad()
+    def validate(self, model: FlowNLLLoss, loader, accelerator: Accelerator) -> dict[str, float]:
+        """Exact validation NLL (nats per example; bits/dim on pixels)."""
+        total, count = torch.zeros((), device=accelerator.device, dtype=torch.float64), 0
+        for batch in loader:
+            x = batch["x"][:, : self.data.sample_shape[0]] if self.data.kind == "latent" else batch["x"]
+            nll = model.flow.nll(self.training_input(x)).double()
+            total += nll.sum()
+            count += nll.numel()
+        nll = (accelerator.reduce(total, "sum") / accelerator.reduce(
+            torch.tensor(count, device=accelerator.device), "sum")).item()
+        metrics = {"val_nll_nats": nll}
+        if self.data.kind == "image":
+            metrics["val_bits_per_dim"] = bits_per_dim(nll, model.flow.num_dims)
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self, model: FlowNLLLoss, loader, accelerator: Accelerator) -> dict[str, float]:
+        metrics = self.validate(model, loader, accelerator)
+        if accelerator.is_main_process:
+            cfg = self.config.model
+            started = time.perf_counter()
+            samples = self._generate(model.flow, cfg.num_eval_samples, None)
+            metrics["sampling_seconds_per_sample"] = (time.perf_counter() - started) / cfg.num_eval_samples
+            metrics.update(generation_metrics(samples, self.pixel_data, accelerator.device, self.vae_dir))
+        return metrics
+
+    def _generate(self, flow: NormalizingFlow, num_samples: int, generator) -> torch.Tensor:
+        samples = torch.cat([flow.sample(min(256, num_samples - start), self.config.model.temperature, generator)
+                             for start in range(0, num_samples, 256)])
+        if self.data.kind == "latent":
+            return decode_latents(self.vae_dir, samples)
+        return samples.clamp(-1, 1) if self.data.kind == "image" else samples
+
+    @torch.no_grad()
+    def preview(self, model: FlowNLLLoss, batch: torch.Tensor) -> torch.Tensor:
+        if self.data.kind == "vector":
+            return scatter_image(self._generate(model.flow, 2000, None))
+        return self._generate(model.flow, 64, None)
+
+    def export(self, model: FlowNLLLoss, stage_dir: Path) -> None:
+        model.flow.save_pretrained(stage_dir / "flow")
+        if self.vae_dir is not None:
+            load_vae(self.vae_dir, "cpu").save_pretrained(stage_dir / "vae")
+        (stage_dir / "stagediff.json").write_text(json.dumps({"kind": self.kind, "space": self.data.kind}))
+
+    @classmethod
+    @torch.no_grad()
+    def sample(cls, stage_dir: Path, num_samples: int, generator: torch.Generator, device: torch.device,
+               sampler: str | None = None, steps: int | None = None) -> torch.Tensor:
+        space = json.loads((stage_dir / "stagediff.json").read_text())["space"]
+        flow = NormalizingFlow.from_pretrained(stage_dir / "flow").to(device).eval()
+        samples = flow.sample(num_samples, 1.0, generator)
+        if space == "latent":
+            return decode_latents(stage_dir / "vae", samples)
+        return samples.clamp(-1, 1) if space == "image" else samples
