@@ -174,10 +174,11 @@ class Generator(ModelMixin, ConfigMixin):
             self.net = nn.Sequential(*layers, nn.Linear(width, shape[0]))
         else:
             widths = _widths(shape[1], base_channels, max_channels)
-            layers = [nn.Linear(latent_dim, widths[0] * 16), nn.Unflatten(1, (widths[0], 4, 4)), _norm(norm, widths[0], norm_num_groups, True), nn.ReLU()]
+            layers = [nn.Linear(latent_dim, widths[0] * 16), nn.Unflatten(1, (widths[0], 4, 4)),  # (B, w0, 4, 4)
+                      _norm(norm, widths[0], norm_num_groups, True), nn.ReLU()]
             for c_in, c_out in zip(widths[:-1], widths[1:]):
                 layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c_in, c_out, 3, padding=1),
-                           _norm(norm, c_out, norm_num_groups, True), nn.ReLU()]
+                           _norm(norm, c_out, norm_num_groups, True), nn.ReLU()]  # resolution doubled
             self.net = nn.Sequential(*layers, nn.Conv2d(widths[-1], shape[0], 3, padding=1))
 
     def forward(self, z: Tensor) -> Tensor:
