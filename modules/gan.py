@@ -213,7 +213,10 @@ class Discriminator(ModelMixin, ConfigMixin):
         norm_num_groups: groups of "group" norm.
         spectral_norm: reparameterise every Linear/Conv weight as W / sigma_max(W) (Miyato et al.
             2018, torch.nn.utils.parametrizations.spectral_norm; sigma_max by one power iteration
-            per training-mode forward), which bounds each layer's Lipschitz constant by ~1.
+            per training-mode forward), which bounds each layer's Lipschitz constant by ~1. The
+            whole discriminator is then ~1-Lipschitz in x, so its logit cannot separate detail
+            much finer than 1: standardise the data first. Measured on PacGAN's ring (modes of std
+            0.01): 0-1 of 8 modes with it, 8 of 8 with the data scaled by 10.
     """
 
     @register_to_config
