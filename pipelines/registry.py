@@ -3,12 +3,14 @@
 from .stages.base import Stage
 from .stages.ddpm import DDPMStage
 from .stages.flow import FlowStage
+from .stages.gan import GANStage
 from .stages.vae import VAEStage
 
 STAGE_KINDS: dict[str, type[Stage]] = {
     VAEStage.kind: VAEStage,
     DDPMStage.kind: DDPMStage,
     FlowStage.kind: FlowStage,
+    GANStage.kind: GANStage,
 }
 
 

@@ -14,11 +14,12 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, ProjectConfiguration
 
 from .config import RunConfig, config_to_dict, save_config
 from .data import load_data
 from .registry import get_stage_kind
+from .stages.base import Stage
 from .trainer import train_stage
 
 DONE_FILE = "done.json"
@@ -32,7 +33,10 @@ def make_accelerator(config: RunConfig) -> Accelerator:
     if log_with == "auto":
         log_with = "tensorboard" if importlib.util.find_spec("tensorboard") else "none"
     output_dir = Path(config.output_dir)
+    # A stage with several parameter groups (a GAN) leaves one group unused in each phase.
+    several_groups = any(get_stage_kind(s.kind).parameter_groups is not Stage.parameter_groups for s in config.stages)
     return Accelerator(
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=several_groups)],
         mixed_precision=resolve_mixed_precision(config.mixed_precision, cpu),
         cpu=cpu,
         log_with=None if log_with == "none" else log_with,

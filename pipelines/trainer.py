@@ -63,15 +63,19 @@ def train_stage(accelerator: Accelerator, stage: Stage, run: RunConfig,
     set_seed(run.seed)
     model = stage.build_model()
     ema = EMA(model, cfg.ema_decay) if cfg.ema_decay else None
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
-                                  betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay,
-                                  eps=cfg.adam_epsilon, foreach=True)
+    # One optimizer and schedule per named parameter group (one for most stages; a GAN has two).
+    groups = stage.parameter_groups(model)
+    optimizers = [torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                    weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon, foreach=True)
+                  for params in groups.values()]
     # A prepared scheduler steps once per process per optimizer step (as in diffusers' examples).
-    lr_scheduler = get_scheduler(LR_SCHEDULES[cfg.lr_scheduler], optimizer,
-                                 num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
-                                 num_training_steps=cfg.max_steps * accelerator.num_processes)
-    model, optimizer, train_loader, val_loader, lr_scheduler = accelerator.prepare(
-        model, optimizer, train_loader, val_loader, lr_scheduler)
+    schedulers = [get_scheduler(LR_SCHEDULES[cfg.lr_scheduler], optimizer,
+                                num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
+                                num_training_steps=cfg.max_steps * accelerator.num_processes)
+                  for optimizer in optimizers]
+    model, train_loader, val_loader, *prepared = accelerator.prepare(
+        model, train_loader, val_loader, *optimizers, *schedulers)
+    phases = list(zip(groups, groups.values(), prepared[: len(groups)], prepared[len(groups):]))
     if ema is not None:
         ema.to(accelerator.device)
     set_seed(run.seed, device_specific=True)
@@ -104,18 +108,24 @@ def train_stage(accelerator: Accelerator, stage: Stage, run: RunConfig,
     while step < cfg.max_steps:
         batch = next(batches)
         with accelerator.accumulate(model):
-            x = augment(batch["x"], run.data) if augment_images else batch["x"]
-            terms = model(stage.training_input(x))
-            accelerator.backward(terms["loss"])
-            if accelerator.sync_gradients and cfg.max_grad_norm is not None:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        meter.add(terms)
+            x = stage.training_input(augment(batch["x"], run.data) if augment_images else batch["x"])
+            for phase, params, optimizer, lr_scheduler in phases:
+                if not stage.phase_due(phase, step + 1):
+                    continue
+                terms = model(x) if len(phases) == 1 else model(x, phase=phase)
+                accelerator.backward(terms["loss"])
+                if accelerator.sync_gradients and cfg.max_grad_norm is not None:
+                    accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                # Every group's gradients: a generator's loss leaves some on the discriminator too.
+                for _, _, each, _ in phases:
+                    each.zero_grad(set_to_none=True)
+                meter.add(terms if len(phases) == 1 else {f"{phase}_{k}": v for k, v in terms.items()})
         if not accelerator.sync_gradients:
             continue
         step += 1
+        meter.steps += 1
         progress.update(1)
         if ema is not None:
             ema.update(accelerator.unwrap_model(model))
@@ -123,8 +133,9 @@ def train_stage(accelerator: Accelerator, stage: Stage, run: RunConfig,
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             logs = meter.flush(step, name, checkpoints_dir)  # raises NonFiniteLossError
             logs["images_per_s"] = images_per_step * logs.pop("steps") / logs.pop("seconds")
-            logs["lr"] = lr_scheduler.get_last_lr()[0]
-            progress.set_postfix(loss=f"{logs['loss']:.4g}", img_s=f"{logs['images_per_s']:.0f}")
+            logs["lr"] = phases[0][3].get_last_lr()[0]
+            progress.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k.endswith("loss")}
+                                 | {"img_s": f"{logs['images_per_s']:.0f}"})
             accelerator.log({f"{name}/{k}": v for k, v in logs.items()}, step=step)
             if accelerator.is_main_process:
                 with open(stage_dir / "history.jsonl", "a") as f:
@@ -138,7 +149,7 @@ def train_stage(accelerator: Accelerator, stage: Stage, run: RunConfig,
             if accelerator.is_main_process:
                 with open(stage_dir / "history.jsonl", "a") as f:
                     f.write(json.dumps({"step": step, **{f"val/{k}": v for k, v in val.items()}}) + "\n")
-            if stopper.update(val, step, _eval_model(accelerator, model, ema)):
+            if stage.monitor is not None and stopper.update(val, step, _eval_model(accelerator, model, ema)):
                 accelerator.print(f"[{name}] early stopping at step {step}: validation {stage.monitor} has not "
                                   f"improved for {cfg.early_stopping_patience} validations; best "
                                   f"{stopper.best:.6g} at step {stopper.best_step}")
@@ -253,24 +264,25 @@ class _LossMeter:
         self._reset()
 
     def _reset(self):
-        self.sums, self.micro_batches, self.steps, self.started = {}, 0, 0, time.perf_counter()
+        self.sums, self.counts, self.steps, self.started = {}, {}, 0, time.perf_counter()
 
     def add(self, terms: dict[str, torch.Tensor]) -> None:
         for key, value in terms.items():
             value = value.detach().float()
             self.sums[key] = self.sums[key] + value if key in self.sums else value
-        self.micro_batches += 1
-        self.steps += self.accelerator.sync_gradients
+            self.counts[key] = self.counts.get(key, 0) + 1
 
     def flush(self, step: int, stage_name: str, checkpoints_dir: Path, keep: bool = False) -> dict[str, float]:
         keys = list(self.sums)
         if not keys:
             return {}
-        means = self.accelerator.reduce(torch.stack([self.sums[k] for k in keys]), reduction="mean")
-        logs = dict(zip(keys, (means / self.micro_batches).tolist()))
-        if not math.isfinite(logs["loss"]):
+        means = torch.stack([self.sums[k] / self.counts[k] for k in keys])
+        logs = dict(zip(keys, self.accelerator.reduce(means, reduction="mean").tolist()))
+        broken = {k: v for k, v in logs.items() if k.endswith("loss") and not math.isfinite(v)}
+        if broken:
             raise NonFiniteLossError(
-                f"stage {stage_name!r}: loss became {logs['loss']} by step {step}; stopped without saving. "
+                f"stage {stage_name!r}: {', '.join(f'{k} became {v}' for k, v in broken.items())} by step {step}; "
+                "stopped without saving. "
                 f"The last good checkpoint (if any) is the newest under {checkpoints_dir}; "
                 "resume with training.resume_from_checkpoint=latest and a lower learning rate")
         logs.update(steps=self.steps, seconds=time.perf_counter() - self.started)

@@ -26,7 +26,7 @@ def write(tmp_path, raw) -> Path:
     (lambda c: c["stages"][0]["model"].update(latent_chanels=4), r"stages\.vae\.model\.latent_chanels: unknown key.*valid keys: block_out_channels"),
     (lambda c: c["stages"][0]["training"].update(batch_size="big"), r"stages\.vae\.training\.batch_size: expected int, got 'big'"),
     (lambda c: c["stages"][0]["training"].update(learning_rate=-1.0), r"stages\.vae\.training\.learning_rate: -1\.0 is not valid; expected a number > 0"),
-    (lambda c: c["stages"][0].update(kind="vea"), r"stages\.vae\.kind: unknown stage kind 'vea'; known kinds: vae, ddpm, flow"),
+    (lambda c: c["stages"][0].update(kind="vea"), r"stages\.vae\.kind: unknown stage kind 'vea'; known kinds: vae, ddpm, flow, gan"),
     (lambda c: c.update(mixed_precision="fp8"), r"mixed_precision: 'fp8' is not one of \['auto', 'no', 'fp16', 'bf16'\]"),
     (lambda c: c["data"].update(resolution=0), r"data\.resolution=0 is invalid"),
     (lambda c: c["stages"][0]["model"].update(block_out_channels=[8, 12]), r"stages\.vae\.model\.norm_num_groups: 8 does not divide the widths \[12\]"),

@@ -34,7 +34,7 @@ class Stage(abc.ABC):
     kind: ClassVar[str]
     model_config: ClassVar[type]
     accepts_input: ClassVar[bool] = False  # whether `input:` may name an earlier stage
-    monitor: ClassVar[str]  # the `validate` metric (lower is better) that early stopping watches
+    monitor: ClassVar[str | None]  # the `validate` metric (lower is better) early stopping watches
 
     def __init__(self, config: StageConfig, data: DataSplits, input_dir: Path | None = None):
         if input_dir is not None and not self.accepts_input:
@@ -48,6 +48,16 @@ class Stage(abc.ABC):
     @abc.abstractmethod
     def build_model(self) -> nn.Module:
         """A fresh training module; its forward(x) returns {"loss": scalar, other terms...}."""
+
+    def parameter_groups(self, model: nn.Module) -> dict[str, list[nn.Parameter]]:
+        """Named parameter groups, each with its own optimizer and loss, stepped in this order every
+        training step (a GAN: discriminator, then generator). One group: forward(x) is the loss;
+        several: forward(x, phase=name) is the loss of group `name`."""
+        return {"model": [p for p in model.parameters() if p.requires_grad]}
+
+    def phase_due(self, phase: str, step: int) -> bool:
+        """Whether group `phase` steps at (1-based) training step `step` (e.g. a GAN's n_critic)."""
+        return True
 
     def training_input(self, x: torch.Tensor) -> torch.Tensor:
         """What the training module sees for a (augmented) data batch, e.g. dequantized pixels."""

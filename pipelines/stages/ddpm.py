@@ -21,8 +21,7 @@ from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from ...modules.ddpm import EpsilonPredictionLoss, MLPDenoiser
 from ..diffusion import LatentDiffusionPipeline, denoise, make_sampler
 from ..evaluation import generation_metrics
-from ..latents import cached_latents, check_vae_input, decode_latents, sample_posterior
-from .base import Stage
+from .spaces import SPACE_FILE, DataSpaceStage, read_space, to_data_space
 from .vae import load_vae
 
 BETA_SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2"}  # ours -> diffusers' names
@@ -66,21 +65,10 @@ class DDPMModelConfig:
                              f"{self.num_train_timesteps}")
 
 
-class DDPMStage(Stage):
+class DDPMStage(DataSpaceStage):
     kind = "ddpm"
     model_config = DDPMModelConfig
-    accepts_input = True
     monitor = "val_loss"
-
-    def __init__(self, config, data, input_dir: Path | None = None):
-        super().__init__(config, data, input_dir)
-        self.pixel_data = data  # the reference for sample metrics, also when training on latents
-        self.vae_dir = check_vae_input(config.name, data, input_dir) if input_dir is not None else None
-
-    def setup(self, accelerator: Accelerator, stage_dir: Path) -> None:
-        if self.vae_dir is not None:
-            self.data = cached_latents(self.vae_dir, self.data, self.config.model.latents, stage_dir / "cache",
-                                       accelerator)
 
     def build_model(self) -> EpsilonPredictionLoss:
         cfg = self.config.model
@@ -99,11 +87,6 @@ class DDPMStage(Stage):
                 up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(cfg.attention)),
             )
         return EpsilonPredictionLoss(network, scheduler)
-
-    def training_input(self, x: torch.Tensor) -> torch.Tensor:
-        if self.data.kind == "latent" and self.config.model.latents == "sample":
-            return sample_posterior(x)
-        return x
 
     @torch.no_grad()
     def validate(self, model: EpsilonPredictionLoss, loader, accelerator: Accelerator) -> dict[str, float]:
@@ -145,9 +128,7 @@ class DDPMStage(Stage):
         """Samples in data space: images in [-1, 1] (latents decoded) or vectors."""
         shape = (num_samples, *self.data.sample_shape)
         z = denoise(network, make_sampler(sampler, train_scheduler.config), shape, steps, generator, device)
-        if self.data.kind != "latent":
-            return z.clamp(-1, 1) if self.data.kind == "image" else z
-        return decode_latents(self.vae_dir, z)
+        return self.to_data_space(z)
 
     def export(self, model: EpsilonPredictionLoss, stage_dir: Path) -> None:
         network, scheduler = model.network, model.scheduler
@@ -158,13 +139,13 @@ class DDPMStage(Stage):
         else:
             network.save_pretrained(stage_dir / "unet")
             scheduler.save_pretrained(stage_dir / "scheduler")
-        (stage_dir / "stagediff.json").write_text(json.dumps({"kind": self.kind, "space": self.data.kind}))
+        (stage_dir / SPACE_FILE).write_text(json.dumps({"kind": self.kind, "space": self.data.kind}))
 
     @classmethod
     @torch.no_grad()
     def sample(cls, stage_dir: Path, num_samples: int, generator: torch.Generator, device: torch.device,
                sampler: str | None = None, steps: int | None = None) -> torch.Tensor:
-        space = json.loads((stage_dir / "stagediff.json").read_text())["space"]
+        space = read_space(stage_dir)
         network_cls = MLPDenoiser if space == "vector" else UNet2DModel
         network = network_cls.from_pretrained(stage_dir / "unet").to(device).eval()
         train_scheduler = DDPMScheduler.from_pretrained(stage_dir / "scheduler")
@@ -173,9 +154,7 @@ class DDPMStage(Stage):
         shape = (num_samples, *_network_sample_shape(network))
         z = denoise(network, make_sampler(sampler, train_scheduler.config), shape, steps, generator, device,
                     progress=True)
-        if space == "latent":
-            return decode_latents(stage_dir / "vae", z)
-        return z.clamp(-1, 1) if space != "vector" else z
+        return to_data_space(z, space, stage_dir / "vae")
 
 
 def _network_sample_shape(network) -> tuple[int, ...]:

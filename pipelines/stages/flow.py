@@ -8,7 +8,6 @@ a copy of the VAE in `vae/`.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,10 +19,8 @@ from accelerate import Accelerator
 from ...modules.flows import FlowNLLLoss, NormalizingFlow
 from ...modules.likelihood import bits_per_dim, dequantize
 from ..evaluation import generation_metrics
-from ..latents import cached_latents, check_vae_input, decode_latents, sample_posterior
-from .base import Stage
 from .ddpm import scatter_image
-from .vae import load_vae
+from .spaces import DataSpaceStage, read_space, to_data_space
 
 ACTNORM_INIT_EXAMPLES = 256
 
@@ -50,26 +47,18 @@ class FlowModelConfig:
             raise ValueError("scale_bound must be > 0 and temperature >= 0")
 
 
-class FlowStage(Stage):
+class FlowStage(DataSpaceStage):
     kind = "flow"
     model_config = FlowModelConfig
-    accepts_input = True
     monitor = "val_nll_nats"
 
     def __init__(self, config, data, input_dir: Path | None = None):
         super().__init__(config, data, input_dir)
-        self.pixel_data = data
-        self.vae_dir = check_vae_input(config.name, data, input_dir) if input_dir is not None else None
         if data.kind == "image" and self.vae_dir is None:
             size, factor = data.sample_shape[1], 2 ** config.model.num_scales
             if size % factor:
                 raise ValueError(f"stages.{config.name}.model.num_scales: {config.model.num_scales} scales halve "
                                  f"the resolution {config.model.num_scales} times; {size} is not divisible by {factor}")
-
-    def setup(self, accelerator: Accelerator, stage_dir: Path) -> None:
-        if self.vae_dir is not None:
-            self.data = cached_latents(self.vae_dir, self.data, self.config.model.latents, stage_dir / "cache",
-                                       accelerator)
 
     def build_model(self) -> FlowNLLLoss:
         cfg = self.config.model
@@ -88,9 +77,7 @@ class FlowStage(Stage):
     def training_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.data.kind == "image":
             return dequantize(x)  # a density on continuous data bounds the discrete likelihood
-        if self.data.kind == "latent" and self.config.model.latents == "sample":
-            return sample_posterior(x)
-        return x
+        return super().training_input(x)
 
     @torch.no_grad()
     def validate(self, model: FlowNLLLoss, loader, accelerator: Accelerator) -> dict[str, float]:
@@ -122,9 +109,7 @@ class FlowStage(Stage):
     def _generate(self, flow: NormalizingFlow, num_samples: int, generator) -> torch.Tensor:
         samples = torch.cat([flow.sample(min(256, num_samples - start), self.config.model.temperature, generator)
                              for start in range(0, num_samples, 256)])
-        if self.data.kind == "latent":
-            return decode_latents(self.vae_dir, samples)
-        return samples.clamp(-1, 1) if self.data.kind == "image" else samples
+        return self.to_data_space(samples)
 
     @torch.no_grad()
     def preview(self, model: FlowNLLLoss, batch: torch.Tensor) -> torch.Tensor:
@@ -134,17 +119,11 @@ class FlowStage(Stage):
 
     def export(self, model: FlowNLLLoss, stage_dir: Path) -> None:
         model.flow.save_pretrained(stage_dir / "flow")
-        if self.vae_dir is not None:
-            load_vae(self.vae_dir, "cpu").save_pretrained(stage_dir / "vae")
-        (stage_dir / "stagediff.json").write_text(json.dumps({"kind": self.kind, "space": self.data.kind}))
+        self.write_space(stage_dir)
 
     @classmethod
     @torch.no_grad()
     def sample(cls, stage_dir: Path, num_samples: int, generator: torch.Generator, device: torch.device,
                sampler: str | None = None, steps: int | None = None) -> torch.Tensor:
-        space = json.loads((stage_dir / "stagediff.json").read_text())["space"]
         flow = NormalizingFlow.from_pretrained(stage_dir / "flow").to(device).eval()
-        samples = flow.sample(num_samples, 1.0, generator)
-        if space == "latent":
-            return decode_latents(stage_dir / "vae", samples)
-        return samples.clamp(-1, 1) if space == "image" else samples
+        return to_data_space(flow.sample(num_samples, 1.0, generator), read_space(stage_dir), stage_dir / "vae")

@@ -1,0 +1,128 @@
+"""The GAN (seed part VI) as a stage: on pixels, 2D vectors or VAE latents.
+
+Two named parameter groups, each with its optimizer and loss, stepped in the seed's order by the
+one training loop: a discriminator step on L'(phi) = -ln(1 - d(f(z))) - ln d(x), then (every
+`n_critic` steps) a generator step on the non-saturating -ln d(f(z)). Exports `generator/` and
+`discriminator/` (safetensors) and, on latents, a copy of the VAE in `vae/`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from accelerate import Accelerator
+
+from ...modules.gan import Discriminator, GANTrainingModule, Generator
+from ..evaluation import generation_metrics
+from .ddpm import scatter_image
+from .spaces import DataSpaceStage, read_space, to_data_space
+
+
+@dataclass
+class GANModelConfig:
+    """The `model:` block of a `kind: gan` stage (see modules/gan.py for the networks)."""
+
+    latent_dim: int = 64
+    hidden: int = 256  # MLP width (vectors)
+    num_layers: int = 3  # MLP depth (vectors)
+    base_channels: int = 64  # conv width at full resolution (images, latents)
+    max_channels: int = 256
+    generator_norm: Literal["batch", "group", "none"] = "batch"
+    discriminator_norm: Literal["none", "group"] = "none"
+    spectral_norm: bool = False  # bounds d's Lipschitz constant: needs data of unit scale
+    loss: Literal["standard", "hinge"] = "standard"
+    r1_gamma: float = 0.0
+    n_critic: int = 1
+    latents: Literal["mean", "sample"] = "mean"
+    num_eval_samples: int = 1000
+
+    def __post_init__(self):
+        for key in ("latent_dim", "hidden", "num_layers", "base_channels", "max_channels", "n_critic",
+                    "num_eval_samples"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key}: {getattr(self, key)!r} is not valid; expected an integer >= 1")
+        if self.r1_gamma < 0:
+            raise ValueError(f"r1_gamma: {self.r1_gamma!r} is not valid; expected a number >= 0")
+
+
+class GANStage(DataSpaceStage):
+    kind = "gan"
+    model_config = GANModelConfig
+    monitor = None  # no likelihood to early-stop on
+
+    def __init__(self, config, data, input_dir: Path | None = None):
+        super().__init__(config, data, input_dir)
+        training = config.training
+        if training.gradient_accumulation_steps != 1 or training.early_stopping_patience is not None:
+            raise ValueError(f"stages.{config.name}.training: a gan stage alternates two optimizers every step; "
+                             "it needs gradient_accumulation_steps: 1 and early_stopping_patience: null")
+
+    def build_model(self) -> GANTrainingModule:
+        cfg = self.config.model
+        shape = list(self.data.sample_shape)
+        generator = Generator(sample_shape=shape, latent_dim=cfg.latent_dim, hidden=cfg.hidden,
+                              num_layers=cfg.num_layers, base_channels=cfg.base_channels,
+                              max_channels=cfg.max_channels, norm=cfg.generator_norm,
+                              output_activation="tanh" if self.data.kind == "image" else "none")
+        discriminator = Discriminator(sample_shape=shape, hidden=cfg.hidden, num_layers=cfg.num_layers,
+                                      base_channels=cfg.base_channels, max_channels=cfg.max_channels,
+                                      norm=cfg.discriminator_norm, spectral_norm=cfg.spectral_norm)
+        return GANTrainingModule(generator, discriminator, cfg.loss, cfg.r1_gamma, cfg.n_critic)
+
+    def parameter_groups(self, model: GANTrainingModule) -> dict[str, list[torch.nn.Parameter]]:
+        return {"discriminator": list(model.discriminator.parameters()),
+                "generator": list(model.generator.parameters())}
+
+    def phase_due(self, phase: str, step: int) -> bool:
+        return phase == "discriminator" or step % self.config.model.n_critic == 0
+
+    @torch.no_grad()
+    def validate(self, model: GANTrainingModule, loader, accelerator: Accelerator) -> dict[str, float]:
+        """The discriminator's mean verdict d(x) on held-out data and d(f(z)) on as many fakes."""
+        sums = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+        count = 0
+        for batch in loader:
+            x = batch["x"][:, : self.data.sample_shape[0]] if self.data.kind == "latent" else batch["x"]
+            fake = model.generator.sample(x.shape[0])
+            sums += torch.stack([torch.sigmoid(model.discriminator(x)).sum(),
+                                 torch.sigmoid(model.discriminator(fake)).sum()]).double()
+            count += x.shape[0]
+        total = accelerator.reduce(sums, "sum") / accelerator.reduce(torch.tensor(count, device=sums.device), "sum")
+        return {"val_d_real": total[0].item(), "val_d_fake": total[1].item()}
+
+    @torch.no_grad()
+    def evaluate(self, model: GANTrainingModule, loader, accelerator: Accelerator) -> dict[str, float]:
+        metrics = self.validate(model, loader, accelerator)
+        if accelerator.is_main_process:
+            cfg = self.config.model
+            started = time.perf_counter()
+            samples = self._generate(model.generator, cfg.num_eval_samples)
+            metrics["sampling_seconds_per_sample"] = (time.perf_counter() - started) / cfg.num_eval_samples
+            metrics.update(generation_metrics(samples, self.pixel_data, accelerator.device, self.vae_dir))
+        return metrics
+
+    def _generate(self, generator: Generator, num_samples: int) -> torch.Tensor:
+        return self.to_data_space(generator.sample(num_samples))
+
+    @torch.no_grad()
+    def preview(self, model: GANTrainingModule, batch: torch.Tensor) -> torch.Tensor:
+        if self.data.kind == "vector":
+            return scatter_image(self._generate(model.generator, 2000))
+        return self._generate(model.generator, 64)
+
+    def export(self, model: GANTrainingModule, stage_dir: Path) -> None:
+        model.generator.save_pretrained(stage_dir / "generator")
+        model.discriminator.save_pretrained(stage_dir / "discriminator")
+        self.write_space(stage_dir)
+
+    @classmethod
+    @torch.no_grad()
+    def sample(cls, stage_dir: Path, num_samples: int, generator: torch.Generator, device: torch.device,
+               sampler: str | None = None, steps: int | None = None) -> torch.Tensor:
+        network = Generator.from_pretrained(stage_dir / "generator").to(device).eval()
+        samples = network.sample(num_samples, generator=generator)  # one forward pass
+        return to_data_space(samples, read_space(stage_dir), stage_dir / "vae")
