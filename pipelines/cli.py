@@ -91,7 +91,7 @@ def sample_command(args: argparse.Namespace) -> None:
     out = args.out or stage_dir / "generated"
     samples = generate(args, stage_dir, kind, args.seed)
     if samples.dim() == 2:  # vectors: a scatter picture and the numbers
-        from .stages.ddpm import scatter_image
+        from .stages.spaces import scatter_image
 
         save_grid(scatter_image(samples), out / "grid.png")
         out.joinpath("samples.csv").write_text("\n".join(",".join(f"{v:.6g}" for v in row) for row in samples.tolist()))

@@ -8,19 +8,16 @@ an `MLPDenoiser` plus its scheduler.
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
 from ...modules.ddpm import EpsilonPredictionLoss, MLPDenoiser
 from ..diffusion import LatentDiffusionPipeline, denoise, make_sampler
-from ..evaluation import generation_metrics
 from .spaces import SPACE_FILE, DataSpaceStage, read_space, to_data_space
 from .vae import load_vae
 
@@ -100,35 +97,13 @@ class DDPMStage(DataSpaceStage):
         return {"val_loss": (accelerator.reduce(total, "sum") / accelerator.reduce(
             torch.tensor(count, device=accelerator.device), "sum")).item()}
 
-    @torch.no_grad()
-    def evaluate(self, model: EpsilonPredictionLoss, loader, accelerator: Accelerator) -> dict[str, float]:
-        """`validate`, then metrics of samples drawn with the configured sampler."""
-        metrics = self.validate(model, loader, accelerator)
-        if accelerator.is_main_process:
-            metrics.update(self._sample_metrics(model, accelerator.device))
-        return metrics
-
-    def _sample_metrics(self, model: EpsilonPredictionLoss, device: torch.device) -> dict[str, float]:
+    def generate(self, model: EpsilonPredictionLoss, num_samples: int) -> torch.Tensor:
+        """Samples with the configured sampler, in data space (latents decoded)."""
         cfg = self.config.model
-        started = time.perf_counter()
-        samples = self._generate(model.network, model.scheduler, cfg.num_eval_samples, cfg.sampler,
-                                 cfg.num_inference_steps, None, device)
-        seconds = (time.perf_counter() - started) / cfg.num_eval_samples
-        return {"sampling_seconds_per_sample": seconds,
-                **generation_metrics(samples, self.pixel_data, device, self.vae_dir)}
-
-    @torch.no_grad()
-    def preview(self, model: EpsilonPredictionLoss, batch: torch.Tensor) -> torch.Tensor:
-        cfg = self.config.model
-        samples = self._generate(model.network, model.scheduler, 64 if self.data.kind != "vector" else 2000,
-                                 cfg.sampler, cfg.num_inference_steps, None, batch.device)
-        return samples if self.data.kind != "vector" else scatter_image(samples)
-
-    def _generate(self, network, train_scheduler, num_samples, sampler, steps, generator, device):
-        """Samples in data space: images in [-1, 1] (latents decoded) or vectors."""
+        sampler = make_sampler(cfg.sampler, model.scheduler.config)
         shape = (num_samples, *self.data.sample_shape)
-        z = denoise(network, make_sampler(sampler, train_scheduler.config), shape, steps, generator, device)
-        return self.to_data_space(z)
+        device = next(model.parameters()).device
+        return self.to_data_space(denoise(model.network, sampler, shape, cfg.num_inference_steps, None, device))
 
     def export(self, model: EpsilonPredictionLoss, stage_dir: Path) -> None:
         network, scheduler = model.network, model.scheduler
@@ -160,13 +135,3 @@ class DDPMStage(DataSpaceStage):
 def _network_sample_shape(network) -> tuple[int, ...]:
     cfg = network.config
     return (cfg.dim,) if isinstance(network, MLPDenoiser) else (cfg.in_channels, cfg.sample_size, cfg.sample_size)
-
-
-def scatter_image(points: torch.Tensor, size: int = 256, extent: float | None = None) -> torch.Tensor:
-    """A (1, 1, size, size) image in [-1, 1] of a 2D point cloud (log-scaled counts), for previews."""
-    points = points.detach().float().cpu().numpy()
-    extent = extent or float(np.abs(points).max()) * 1.1 + 1e-6
-    counts, _, _ = np.histogram2d(points[:, 1], points[:, 0], bins=size, range=[[-extent, extent]] * 2)
-    image = np.log1p(counts[::-1].copy())
-    image = image / max(image.max(), 1e-6)
-    return torch.from_numpy(1 - 2 * image).float()[None, None]

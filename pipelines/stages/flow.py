@@ -8,7 +8,6 @@ a copy of the VAE in `vae/`.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -18,8 +17,6 @@ from accelerate import Accelerator
 
 from ...modules.flows import FlowNLLLoss, NormalizingFlow
 from ...modules.likelihood import bits_per_dim, dequantize
-from ..evaluation import generation_metrics
-from .ddpm import scatter_image
 from .spaces import DataSpaceStage, read_space, to_data_space
 
 ACTNORM_INIT_EXAMPLES = 256
@@ -95,27 +92,11 @@ class FlowStage(DataSpaceStage):
             metrics["val_bits_per_dim"] = bits_per_dim(nll, model.flow.num_dims)
         return metrics
 
-    @torch.no_grad()
-    def evaluate(self, model: FlowNLLLoss, loader, accelerator: Accelerator) -> dict[str, float]:
-        metrics = self.validate(model, loader, accelerator)
-        if accelerator.is_main_process:
-            cfg = self.config.model
-            started = time.perf_counter()
-            samples = self._generate(model.flow, cfg.num_eval_samples, None)
-            metrics["sampling_seconds_per_sample"] = (time.perf_counter() - started) / cfg.num_eval_samples
-            metrics.update(generation_metrics(samples, self.pixel_data, accelerator.device, self.vae_dir))
-        return metrics
-
-    def _generate(self, flow: NormalizingFlow, num_samples: int, generator) -> torch.Tensor:
-        samples = torch.cat([flow.sample(min(256, num_samples - start), self.config.model.temperature, generator)
+    def generate(self, model: FlowNLLLoss, num_samples: int) -> torch.Tensor:
+        temperature = self.config.model.temperature
+        samples = torch.cat([model.flow.sample(min(256, num_samples - start), temperature)
                              for start in range(0, num_samples, 256)])
         return self.to_data_space(samples)
-
-    @torch.no_grad()
-    def preview(self, model: FlowNLLLoss, batch: torch.Tensor) -> torch.Tensor:
-        if self.data.kind == "vector":
-            return scatter_image(self._generate(model.flow, 2000, None))
-        return self._generate(model.flow, 64, None)
 
     def export(self, model: FlowNLLLoss, stage_dir: Path) -> None:
         model.flow.save_pretrained(stage_dir / "flow")

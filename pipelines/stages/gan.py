@@ -8,7 +8,6 @@ one training loop: a discriminator step on L'(phi) = -ln(1 - d(f(z))) - ln d(x),
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -17,8 +16,6 @@ import torch
 from accelerate import Accelerator
 
 from ...modules.gan import Discriminator, GANTrainingModule, Generator
-from ..evaluation import generation_metrics
-from .ddpm import scatter_image
 from .spaces import DataSpaceStage, read_space, to_data_space
 
 
@@ -94,25 +91,8 @@ class GANStage(DataSpaceStage):
         total = accelerator.reduce(sums, "sum") / accelerator.reduce(torch.tensor(count, device=sums.device), "sum")
         return {"val_d_real": total[0].item(), "val_d_fake": total[1].item()}
 
-    @torch.no_grad()
-    def evaluate(self, model: GANTrainingModule, loader, accelerator: Accelerator) -> dict[str, float]:
-        metrics = self.validate(model, loader, accelerator)
-        if accelerator.is_main_process:
-            cfg = self.config.model
-            started = time.perf_counter()
-            samples = self._generate(model.generator, cfg.num_eval_samples)
-            metrics["sampling_seconds_per_sample"] = (time.perf_counter() - started) / cfg.num_eval_samples
-            metrics.update(generation_metrics(samples, self.pixel_data, accelerator.device, self.vae_dir))
-        return metrics
-
-    def _generate(self, generator: Generator, num_samples: int) -> torch.Tensor:
-        return self.to_data_space(generator.sample(num_samples))
-
-    @torch.no_grad()
-    def preview(self, model: GANTrainingModule, batch: torch.Tensor) -> torch.Tensor:
-        if self.data.kind == "vector":
-            return scatter_image(self._generate(model.generator, 2000))
-        return self._generate(model.generator, 64)
+    def generate(self, model: GANTrainingModule, num_samples: int) -> torch.Tensor:
+        return self.to_data_space(model.generator.sample(num_samples))
 
     def export(self, model: GANTrainingModule, stage_dir: Path) -> None:
         model.generator.save_pretrained(stage_dir / "generator")

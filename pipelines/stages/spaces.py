@@ -3,12 +3,16 @@
 
 from __future__ import annotations
 
+import abc
 import json
+import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 
+from ..evaluation import generation_metrics
 from ..latents import cached_latents, check_vae_input, decode_latents, sample_posterior
 from .base import Stage
 from .vae import load_vae
@@ -21,7 +25,8 @@ class DataSpaceStage(Stage):
 
     `self.pixel_data` keeps the original data (the reference for sample metrics); `self.data`
     becomes the cached latents in `setup` when the stage has an input VAE. The `model:` config
-    must have a `latents` key ("mean" or "sample").
+    must have `latents` ("mean" or "sample") and `num_eval_samples` keys. A family supplies
+    `generate`; evaluation and previews of samples are shared.
     """
 
     accepts_input = True
@@ -40,6 +45,28 @@ class DataSpaceStage(Stage):
         if self.data.kind == "latent" and self.config.model.latents == "sample":
             return sample_posterior(x)
         return x
+
+    @abc.abstractmethod
+    def generate(self, model: torch.nn.Module, num_samples: int) -> torch.Tensor:
+        """`num_samples` samples in data space (see `to_data_space`) from the training module."""
+
+    @torch.no_grad()
+    def evaluate(self, model: torch.nn.Module, loader, accelerator: Accelerator) -> dict[str, float]:
+        """`validate`, then sampling time and `generation_metrics` of `num_eval_samples` samples."""
+        metrics = self.validate(model, loader, accelerator)
+        if accelerator.is_main_process:
+            num_samples = self.config.model.num_eval_samples
+            started = time.perf_counter()
+            samples = self.generate(model, num_samples)
+            metrics["sampling_seconds_per_sample"] = (time.perf_counter() - started) / num_samples
+            metrics.update(generation_metrics(samples, self.pixel_data, accelerator.device, self.vae_dir))
+        return metrics
+
+    @torch.no_grad()
+    def preview(self, model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        if self.data.kind == "vector":
+            return scatter_image(self.generate(model, 2000))
+        return self.generate(model, 64)
 
     def to_data_space(self, samples: torch.Tensor) -> torch.Tensor:
         return to_data_space(samples, self.data.kind, self.vae_dir)
@@ -60,3 +87,13 @@ def to_data_space(samples: torch.Tensor, space: str, vae_dir: Path | None) -> to
     if space == "latent":
         return decode_latents(vae_dir, samples)
     return samples.clamp(-1, 1) if space == "image" else samples
+
+
+def scatter_image(points: torch.Tensor, size: int = 256, extent: float | None = None) -> torch.Tensor:
+    """A (1, 1, size, size) image in [-1, 1] of a 2D point cloud (log-scaled counts), for previews."""
+    points = points.detach().float().cpu().numpy()
+    extent = extent or float(np.abs(points).max()) * 1.1 + 1e-6
+    counts, _, _ = np.histogram2d(points[:, 1], points[:, 0], bins=size, range=[[-extent, extent]] * 2)
+    image = np.log1p(counts[::-1].copy())
+    image = image / max(image.max(), 1e-6)
+    return torch.from_numpy(1 - 2 * image).float()[None, None]
