@@ -16,6 +16,13 @@ if TYPE_CHECKING:
     from ..config import StageConfig
 
 
+def require_positive(config, *keys: str) -> None:
+    """Raise a ValueError naming the first of `keys` whose value in `config` is below 1."""
+    for key in keys:
+        if getattr(config, key) < 1:
+            raise ValueError(f"{key}: {getattr(config, key)!r} is not valid; expected an integer >= 1")
+
+
 class Stage(abc.ABC):
     """A stage kind: builds its training module, evaluates, previews and exports it.
 

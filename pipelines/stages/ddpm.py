@@ -18,6 +18,7 @@ from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
 from ...modules.ddpm import EpsilonPredictionLoss, MLPDenoiser
 from ..diffusion import LatentDiffusionPipeline, denoise, make_sampler
+from .base import require_positive
 from .spaces import SPACE_FILE, DataSpaceStage, read_space, to_data_space
 from .vae import load_vae
 
@@ -54,9 +55,8 @@ class DDPMModelConfig:
         bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
         if bad:
             raise ValueError(f"norm_num_groups: {self.norm_num_groups} does not divide the widths {bad}")
-        for key in ("num_train_timesteps", "num_inference_steps", "num_eval_samples", "mlp_hidden", "mlp_layers"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key}: {getattr(self, key)!r} is not valid; expected an integer >= 1")
+        require_positive(self, "num_train_timesteps", "num_inference_steps", "num_eval_samples",
+                         "mlp_hidden", "mlp_layers")
         if self.num_inference_steps > self.num_train_timesteps:
             raise ValueError(f"num_inference_steps: {self.num_inference_steps} exceeds num_train_timesteps "
                              f"{self.num_train_timesteps}")

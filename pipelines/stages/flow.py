@@ -17,6 +17,7 @@ from accelerate import Accelerator
 
 from ...modules.flows import FlowNLLLoss, NormalizingFlow
 from ...modules.likelihood import bits_per_dim, dequantize
+from .base import require_positive
 from .spaces import DataSpaceStage, read_space, to_data_space
 
 ACTNORM_INIT_EXAMPLES = 256
@@ -37,9 +38,7 @@ class FlowModelConfig:
     num_eval_samples: int = 1000
 
     def __post_init__(self):
-        for key in ("num_scales", "steps_per_scale", "hidden_channels", "num_blocks", "num_eval_samples"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key}: {getattr(self, key)!r} is not valid; expected an integer >= 1")
+        require_positive(self, "num_scales", "steps_per_scale", "hidden_channels", "num_blocks", "num_eval_samples")
         if self.scale_bound <= 0 or self.temperature < 0:
             raise ValueError("scale_bound must be > 0 and temperature >= 0")
 

@@ -16,6 +16,7 @@ import torch
 from accelerate import Accelerator
 
 from ...modules.gan import Discriminator, GANTrainingModule, Generator
+from .base import require_positive
 from .spaces import DataSpaceStage, read_space, to_data_space
 
 
@@ -38,10 +39,8 @@ class GANModelConfig:
     num_eval_samples: int = 1000
 
     def __post_init__(self):
-        for key in ("latent_dim", "hidden", "num_layers", "base_channels", "max_channels", "n_critic",
-                    "num_eval_samples"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key}: {getattr(self, key)!r} is not valid; expected an integer >= 1")
+        require_positive(self, "latent_dim", "hidden", "num_layers", "base_channels", "max_channels", "n_critic",
+                         "num_eval_samples")
         if self.r1_gamma < 0:
             raise ValueError(f"r1_gamma: {self.r1_gamma!r} is not valid; expected a number >= 0")
 

@@ -11,7 +11,7 @@ from diffusers import AutoencoderKL
 
 from ...modules.likelihood import bits_per_dim, dequantize
 from ...modules.vae import GaussianVAE, make_autoencoder
-from .base import Stage
+from .base import Stage, require_positive
 
 
 @dataclass
@@ -37,8 +37,7 @@ class VAEModelConfig:
         if bad:
             raise ValueError(f"norm_num_groups: {self.norm_num_groups} does not divide the widths {bad} "
                              f"of block_out_channels {self.block_out_channels}")
-        if self.latent_channels < 1:
-            raise ValueError(f"latent_channels: {self.latent_channels!r} is not valid; expected an integer >= 1")
+        require_positive(self, "latent_channels")
         if self.kl_weight < 0:
             raise ValueError(f"kl_weight: {self.kl_weight!r} is not valid; expected a number >= 0")
 
