@@ -18,23 +18,37 @@ class EpsilonPredictionLoss(nn.Module):
     t uniform on {1..T}, eps ~ N(0, I): the seed's loss (its alpha_t is our abar_t). The squared
     norm is averaged over dimensions (a constant factor) so learning rates do not depend on size.
 
+    Conditional models (the seed's p(X | Y), e.g. super-resolution) see eps_theta([z_t, y], t):
+    the condition y is concatenated to z_t on the channel axis, as in SR3 and latent diffusion.
+
     Args:
         network: eps_theta(z_t, t) returning an object with `.sample` (diffusers' UNet2DModel, or
             `MLPDenoiser`).
         scheduler: the forward process (its `add_noise` is z_t above).
+        condition_channels: the last `condition_channels` channels of the input batch are the
+            condition y, the others x (0: unconditional).
     """
 
-    def __init__(self, network: nn.Module, scheduler: DDPMScheduler):
+    def __init__(self, network: nn.Module, scheduler: DDPMScheduler, condition_channels: int = 0):
         super().__init__()
         self.network = network
         self.scheduler = scheduler
+        self.condition_channels = condition_channels
 
-    def forward(self, x0: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        x0, y = split_condition(batch, self.condition_channels)
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (x0.shape[0],), device=x0.device)
         eps = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype)
         zt = self.scheduler.add_noise(x0, eps, t)
-        eps_hat = self.network(zt, t).sample
+        eps_hat = self.network(zt if y is None else torch.cat([zt, y], 1), t).sample
         return {"loss": (eps_hat.float() - eps.float()).pow(2).mean()}
+
+
+def split_condition(batch: torch.Tensor, condition_channels: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(B, C + k, ...) -> x (B, C, ...), y (B, k, ...) (None when k is 0)."""
+    if not condition_channels:
+        return batch, None
+    return batch[:, :-condition_channels], batch[:, -condition_channels:]
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:

@@ -7,11 +7,14 @@
 * `class_histogram_metrics`: how a classifier's verdicts on samples spread over the classes, as in
   the Stacked-MNIST protocol (Metz et al. 2017; VEEGAN; PacGAN): classes covered and
   KL(predicted histogram || reference histogram).
+* `psnr`, `ssim`: per-image fidelity of a reconstruction to its reference (super-resolution), on
+  images in [-1, 1] measured in the [0, 1] range (data range 1), as most SR papers report them.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 # VEEGAN / PacGAN: a sample is high quality within three standard deviations of its nearest mode.
@@ -165,3 +168,41 @@ def class_histogram_metrics(predicted_labels: Tensor, num_classes: int,
         "classes_covered": int((predicted >= CLASS_COVERAGE_MIN_FRACTION).sum()),
         "class_kl": torch.special.xlogy(predicted, predicted / reference).sum().item(),
     }
+
+
+def psnr(images: Tensor, reference: Tensor) -> Tensor:
+    """Peak signal-to-noise ratio per image, in dB: 10 log10(1 / MSE) on the [0, 1] range.
+
+    Inputs are (B, C, H, W) in [-1, 1]; MSE in [0, 1] units is a quarter of it in [-1, 1] units.
+    Identical images give +inf.
+    """
+    mse = ((images.double() - reference.double()) / 2).pow(2).flatten(1).mean(1)
+    return -10 * torch.log10(mse)
+
+
+def ssim(images: Tensor, reference: Tensor, window: int = 11, sigma: float = 1.5) -> Tensor:
+    """Structural similarity per image (Wang et al., IEEE TIP 2004), mean over channels and valid
+    window positions: an 11x11 Gaussian window of std 1.5, K1 = 0.01, K2 = 0.03, data range 1.
+
+    Inputs are (B, C, H, W) in [-1, 1], mapped to [0, 1]. Images smaller than the window use a
+    window of their size.
+    """
+    x = (images.double() + 1) / 2
+    y = (reference.double() + 1) / 2
+    window = min(window, x.shape[-1], x.shape[-2])
+    offsets = torch.arange(window, dtype=torch.float64, device=x.device) - (window - 1) / 2
+    kernel_1d = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    kernel_1d = kernel_1d / kernel_1d.sum()
+    channels = x.shape[1]
+    kernel = (kernel_1d[:, None] * kernel_1d[None, :]).expand(channels, 1, window, window)
+
+    def local_mean(t: Tensor) -> Tensor:
+        return F.conv2d(t, kernel, groups=channels)
+
+    mu_x, mu_y = local_mean(x), local_mean(y)
+    var_x = local_mean(x * x) - mu_x ** 2
+    var_y = local_mean(y * y) - mu_y ** 2
+    cov = local_mean(x * y) - mu_x * mu_y
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    index = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
+    return index.flatten(1).mean(1)

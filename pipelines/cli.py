@@ -1,5 +1,6 @@
-"""`stagediff` command line: train, sample, evaluate. `scripts/*.py` call the same functions, so
-`accelerate launch scripts/train.py ...` and `stagediff train ...` run the same job."""
+"""`stagediff` command line: train, sample, evaluate, super-resolve, push, study. `scripts/*.py`
+call the same functions, so `accelerate launch scripts/train.py ...` and `stagediff train ...` run
+the same job."""
 
 from __future__ import annotations
 
@@ -16,9 +17,12 @@ import yaml
 from .config import ConfigError, load_config, parse_run_config
 from .data import load_data
 from .evaluation import generation_metrics
+from .hub import HubError, push
 from .images import save_grid, save_png, to_uint8
 from .registry import get_stage_kind
 from .run import DONE_FILE, run
+from .study import format_study, parse_variant, seed_study
+from .super_resolve import evaluate_super_resolution, super_resolve_files
 from .trainer import NonFiniteLossError
 
 
@@ -28,11 +32,14 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="config overrides; stages are addressed by name, e.g. stages.vae.training.max_steps=100")
     parser.add_argument("--force-stage", action="append", default=[], metavar="NAME",
                         help="retrain this stage even if its outputs match the config (repeatable)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="when output_dir holds another run (other seed, data or model), delete its stage "
+                             "folders and train anew instead of stopping")
 
 
 def train_command(args: argparse.Namespace) -> None:
     config = load_config(args.config, args.overrides)
-    run(config, force_stages=tuple(args.force_stage))
+    run(config, force_stages=tuple(args.force_stage), overwrite=args.overwrite)
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, default_n: int) -> None:
@@ -55,7 +62,15 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     add_sampling_arguments(parser, default_n=2500)
     parser.add_argument("--seeds", type=int, default=1, help="repeat with seeds seed..seed+K-1 and average")
-    parser.add_argument("--out", type=Path, default=None, help="write the metrics as JSON to this file")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="write the metrics as JSON to this file (--task sr: a folder, default MODEL_DIR/evaluation)")
+    parser.add_argument("--task", choices=["generation", "sr"], default=None,
+                        help="what to measure (default: sr for super-resolution stages, else generation)")
+    parser.add_argument("--regression", type=Path, default=None,
+                        help="--task sr: the L2 regression baseline's stage folder (default: a finished "
+                             "`objective: regression` sr stage of the same run, if any)")
+    parser.add_argument("--num-samples", type=int, default=3,
+                        help="--task sr: samples per input, for the diversity and the figures (default 3)")
 
 
 def resolve_stage_dir(path: Path) -> tuple[Path, str]:
@@ -106,6 +121,9 @@ def sample_command(args: argparse.Namespace) -> None:
 def evaluate_command(args: argparse.Namespace) -> None:
     """Sample, then score against the stage's own data (the metrics of pipelines/evaluation.py)."""
     stage_dir, kind = resolve_stage_dir(args.model_dir)
+    if (args.task or ("sr" if kind == "sr" else "generation")) == "sr":
+        evaluate_sr_command(args, stage_dir, kind)
+        return
     config = parse_run_config(yaml.safe_load((stage_dir / "config.yaml").read_text()))
     data = load_data(config.data)
     vae_dir = stage_dir / "vae" if (stage_dir / "model_index.json").is_file() and (stage_dir / "vae").is_dir() else None
@@ -126,10 +144,102 @@ def evaluate_command(args: argparse.Namespace) -> None:
         args.out.write_text(text)
 
 
+def evaluate_sr_command(args: argparse.Namespace, stage_dir: Path, kind: str) -> None:
+    if kind != "sr":
+        raise ValueError(f"--task sr: {stage_dir} is a {kind} stage, not a super-resolution (sr) stage")
+    regression = args.regression or find_regression_baseline(stage_dir)
+    out = args.out or stage_dir / "evaluation"
+    results = evaluate_super_resolution(stage_dir, regression, args.n, args.num_samples, args.sampler, args.steps,
+                                        args.seed, args.device, out)
+    keys = ["psnr", "ssim", "consistency_psnr", "diversity", "fd", "classes_covered", "seconds_per_image"]
+    print("| method | " + " | ".join(keys) + " |\n" + "|---" * (len(keys) + 1) + "|")
+    for method, metrics in results.items():
+        print(f"| {method} | " + " | ".join(f"{metrics[k]:.4g}" if k in metrics else "" for k in keys) + " |")
+    print(f"metrics and figures (input, bicubic, regression, samples, ground truth) in {out}")
+
+
+def find_regression_baseline(stage_dir: Path) -> Path | None:
+    """A finished `objective: regression` sr stage of the same run, at the same scale."""
+    stages = yaml.safe_load((stage_dir / "config.yaml").read_text())["stages"]
+    scale = next(s for s in stages if s["name"] == stage_dir.name)["model"].get("scale")
+    for stage in stages:
+        model = stage.get("model", {})
+        folder = stage_dir.parent / stage["name"]
+        if (stage["kind"] == "sr" and model.get("objective") == "regression" and model.get("scale") == scale
+                and (folder / DONE_FILE).is_file()):
+            return folder
+    return None
+
+
+def add_super_resolve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("inputs", nargs="+", help="image files, folders of images, or glob patterns")
+    parser.add_argument("--model", required=True, help="a trained sr stage folder or a hub id")
+    parser.add_argument("--out", type=Path, required=True, help="output folder (PNGs named INPUT_xSCALE[_K].png)")
+    parser.add_argument("--scale", type=int, default=None, help="must match the model's (default: the model's)")
+    parser.add_argument("--sampler", choices=["ddpm", "ddim", "dpmsolver"], default=None,
+                        help="diffusion sampler (default: the saved one, DDPM's schedule with 20 steps)")
+    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default 20; ddpm: all T)")
+    parser.add_argument("--num-samples", type=int, default=1, help="plausible outputs per input (default 1)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=16, help="samples per forward pass")
+    parser.add_argument("--max-input-side", type=int, default=256,
+                        help="longer inputs are first resized down to this many pixels (default 256)")
+    parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
+
+
+def super_resolve_command(args: argparse.Namespace) -> None:
+    errors = super_resolve_files(args.inputs, args.model, args.out, args.scale, args.sampler, args.steps,
+                                 args.num_samples, args.seed, args.batch_size, args.max_input_side, args.device)
+    if errors:
+        sys.exit(1)
+
+
+def add_study_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="the run config to repeat")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="overrides applied to every variant")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME[:key=value,...]",
+                        help="a named set of overrides (repeatable; default: the config as it is)")
+    parser.add_argument("--seeds", type=int, default=5, help="training seeds 0..K-1 (default 5)")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the runs and study.json")
+    parser.add_argument("--metrics", default="modes_covered,high_quality_fraction,train_seconds",
+                        help="comma-separated metrics of the last stage to tabulate")
+
+
+def study_command(args: argparse.Namespace) -> None:
+    variants = dict(parse_variant(v) for v in args.variant) or {"config": []}
+    results = seed_study(args.config, variants, args.seeds, args.out, args.overrides)
+    print(format_study(results, args.metrics.split(",")))
+
+
+def add_push_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model_dir", type=Path, help="a trained stage folder (or a run folder: its last stage)")
+    parser.add_argument("--repo-id", required=True, help="the hub repository, USER/NAME (created when missing)")
+    parser.add_argument("--private", action="store_true", help="create the repository private")
+    parser.add_argument("--revision", default=None, help="the branch to push to (created when missing; default main)")
+    parser.add_argument("--commit-message", default=None)
+    parser.add_argument("--license", default=None, help="the model card's license (default: the config's hub_license)")
+    parser.add_argument("--evaluation", type=Path, default=None,
+                        help="a `stagediff evaluate --out` JSON for the card (default: MODEL_DIR/evaluation.json)")
+    parser.add_argument("--include-checkpoints", action="store_true",
+                        help="also upload checkpoints/ (with optimizer and RNG states, for resuming)")
+    parser.add_argument("--dry-run", action="store_true", help="list the files to upload, with sizes; upload nothing")
+
+
+def push_command(args: argparse.Namespace) -> None:
+    stage_dir, _ = resolve_stage_dir(args.model_dir)
+    push(stage_dir, args.repo_id, private=args.private, revision=args.revision, commit_message=args.commit_message,
+         license_id=args.license, evaluation=args.evaluation, include_checkpoints=args.include_checkpoints,
+         dry_run=args.dry_run)
+
+
 COMMANDS = {
     "train": (add_train_arguments, train_command, "train the stages of a run config"),
     "sample": (add_sample_arguments, sample_command, "generate images from a trained stage"),
     "evaluate": (add_evaluate_arguments, evaluate_command, "sample and score a trained stage (FD, coverage, modes)"),
+    "super-resolve": (add_super_resolve_arguments, super_resolve_command,
+                      "super-resolve image files with a trained sr model (local folder or hub id)"),
+    "study": (add_study_arguments, study_command, "retrain a config over training seeds and variants, tabulate"),
+    "push": (add_push_arguments, push_command, "upload a trained stage with a model card to a hub"),
 }
 
 
@@ -141,7 +251,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         COMMANDS[args.command][1](args)
-    except (ConfigError, FileNotFoundError, NonFiniteLossError, ValueError) as err:
+    except (ConfigError, FileNotFoundError, HubError, NonFiniteLossError, ValueError) as err:
         # User-facing failures carry messages naming the file, key or value; no traceback needed.
         sys.exit(f"stagediff {args.command}: error: {err}")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +20,9 @@ from typing import Any, Literal, Optional
 import yaml
 
 from .data import DataConfig
+from .hub import DEFAULT_LICENSE, check_repo_id
+
+STAGE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
 class ConfigError(ValueError):
@@ -40,6 +44,9 @@ class TrainingConfig:
     lr_warmup_steps: int = 0
     gradient_accumulation_steps: int = 1
     max_grad_norm: Optional[float] = 1.0
+    # Skip (log and count) up to this many steps whose loss or gradients are NaN/inf instead of
+    # stopping at the first; 0 stops at the first, naming the step.
+    max_nonfinite_skips: int = 0
     ema_decay: Optional[float] = None
     # Early stopping on the validation split (the seed's practice for flows): validate every
     # `eval_every` steps, stop after `early_stopping_patience` validations without improvement,
@@ -64,6 +71,7 @@ class TrainingConfig:
                  self.gradient_accumulation_steps, "an integer >= 1")
         _require(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm",
                  self.max_grad_norm, "a number > 0 or null")
+        _require(self.max_nonfinite_skips >= 0, "max_nonfinite_skips", self.max_nonfinite_skips, "an integer >= 0")
         _require(self.ema_decay is None or 0 < self.ema_decay < 1, "ema_decay", self.ema_decay,
                  "a number in (0, 1) or null")
         _require(self.log_every >= 1, "log_every", self.log_every, "an integer >= 1")
@@ -100,6 +108,17 @@ class RunConfig:
     log_with: Literal["auto", "none", "tensorboard"] = "auto"  # auto: tensorboard when installed
     data: DataConfig = field(default_factory=DataConfig)
     stages: list[StageConfig] = field(default_factory=list)
+    # At the end of the run, push the last stage's folder (the final pipeline) to this hub repo.
+    push_to_hub: bool = False
+    hub_model_id: Optional[str] = None  # USER/NAME
+    hub_private: bool = False
+    hub_license: str = DEFAULT_LICENSE  # the model card's license
+
+    def __post_init__(self):
+        _require(not self.push_to_hub or self.hub_model_id is not None, "hub_model_id", self.hub_model_id,
+                 "a hub repository id USER/NAME when push_to_hub is true")
+        if self.hub_model_id is not None:
+            check_repo_id(self.hub_model_id, "hub_model_id")
 
     def stage(self, name: str) -> StageConfig:
         for stage in self.stages:
@@ -163,6 +182,9 @@ def _parse_stage(raw: Any, where: str) -> StageConfig:
     for key in ("name", "kind"):
         if not isinstance(raw.get(key), str):
             raise ConfigError(f"{where}.{key}: required, a string")
+    if not STAGE_NAME.fullmatch(raw["name"]):  # it names the folder output_dir/<name>/: no '/', no '..'
+        raise ConfigError(f"{where}.name: {raw['name']!r} is not valid; expected a folder name of letters, "
+                          "digits, '_', '-' and '.', not starting with '.' or '-'")
     where = f"stages.{raw['name']}"
     try:
         kind = get_stage_kind(raw["kind"])
@@ -221,7 +243,11 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         item = args[0] if args else Any
         return origin(_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value))
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            raise ConfigError(f"{where}: expected float, got an integer of {len(str(abs(value)))} digits, "
+                              "beyond the range of a float") from None
     if hint is float and isinstance(value, str):  # YAML reads 1e-4 (no dot) as a string
         try:
             return float(value)
@@ -277,6 +303,25 @@ def apply_override(raw: dict, override: str) -> None:
 
 def config_to_dict(config: Any) -> dict:
     return dataclasses.asdict(config)
+
+
+def non_default_values(config: Any) -> dict:
+    """The keys of a config (nested dataclasses) whose values differ from their defaults: what a
+    fingerprint hashes, so that adding a schema key with a default does not change old runs' identity."""
+    found = {}
+    for spec in dataclasses.fields(config):
+        value = getattr(config, spec.name)
+        if dataclasses.is_dataclass(value):
+            found[spec.name] = non_default_values(value)
+        elif isinstance(value, list) and value and all(dataclasses.is_dataclass(v) for v in value):
+            found[spec.name] = [non_default_values(v) for v in value]
+        elif spec.default is not dataclasses.MISSING and value == spec.default:
+            continue
+        elif spec.default_factory is not dataclasses.MISSING and value == spec.default_factory():
+            continue
+        else:
+            found[spec.name] = value
+    return found
 
 
 def save_config(config: Any, path: str | Path) -> None:

@@ -250,7 +250,10 @@ def load_toy(cfg: DataConfig) -> LabelledSamples:
 def load_imagefolder(cfg: DataConfig) -> LabelledSamples:
     folder = Path(cfg.train_data_dir)
     check_image_folder(folder)
-    rows = datasets.load_dataset("imagefolder", data_dir=str(folder), split="train")
+    try:
+        rows = datasets.load_dataset("imagefolder", data_dir=str(folder), split="train")
+    except (ValueError, datasets.exceptions.DatasetsError) as err:  # e.g. a metadata.csv without file_name
+        raise ValueError(f"data.train_data_dir: {folder} cannot be read as an image folder: {err}") from err
     return hf_image_samples(rows, cfg, origin=str(folder))
 
 

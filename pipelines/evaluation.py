@@ -6,6 +6,9 @@ coverage and reverse KL of the classifier's verdicts (the Stacked-MNIST protocol
 PacGAN). `train_test_floor` gives the FD a perfect model would reach. The classifier is trained
 once per data config and cached (`get_feature_classifier`).
 
+Super-resolution: PSNR and SSIM against the ground truth, and the consistency PSNR between the
+downsampled output and the input (`super_resolution_metrics`).
+
 Toys: the VEEGAN/PacGAN mode coverage on the Gaussian mixtures and the mean negative log-density
 of samples under the true density (`toy_metrics`).
 """
@@ -28,7 +31,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from stagediff.modules.classifier import ImageClassifier
-from stagediff.modules.metrics import class_histogram_metrics, frechet_distance, mode_coverage
+from stagediff.modules.metrics import class_histogram_metrics, frechet_distance, mode_coverage, psnr, ssim
+from stagediff.modules.sr import downsample
 from stagediff.modules.toy2d import IsotropicGaussianMixture, make_toy
 
 from .data import DataConfig, DataSplits, load_data
@@ -238,6 +242,23 @@ def toy_metrics(samples: Tensor, toy: str) -> dict[str, float | int]:
     if isinstance(distribution, IsotropicGaussianMixture):
         metrics.update(mode_coverage(samples, distribution.modes, distribution.std))
     return metrics
+
+
+def super_resolution_metrics(outputs: Tensor, high_res: Tensor, low_res: Tensor, scale: int,
+                             blur_sigma: float = 0.0) -> dict[str, float]:
+    """Fidelity of super-resolved `outputs` (B, C, H, W) in [-1, 1], all averaged over images:
+
+    psnr, ssim: against the ground truth `high_res` (dB; SSIM in [-1, 1]) on the [0, 1] range.
+    consistency_psnr: between the output degraded as the input was (`downsample` with the same
+        scale and blur) and the input `low_res`: a faithful model scores high whatever detail it
+        invents, a model that ignores its input scores low.
+    """
+    outputs = outputs.float().cpu()
+    return {
+        "psnr": psnr(outputs, high_res).mean().item(),
+        "ssim": ssim(outputs, high_res).mean().item(),
+        "consistency_psnr": psnr(downsample(outputs, scale, blur_sigma), low_res).mean().item(),
+    }
 
 
 # ----------------------------------------------------------------------------- what a stage reports

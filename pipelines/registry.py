@@ -4,6 +4,7 @@ from .stages.base import Stage
 from .stages.ddpm import DDPMStage
 from .stages.flow import FlowStage
 from .stages.gan import GANStage
+from .stages.sr import SRStage
 from .stages.vae import VAEStage
 
 STAGE_KINDS: dict[str, type[Stage]] = {
@@ -11,6 +12,7 @@ STAGE_KINDS: dict[str, type[Stage]] = {
     DDPMStage.kind: DDPMStage,
     FlowStage.kind: FlowStage,
     GANStage.kind: GANStage,
+    SRStage.kind: SRStage,
 }
 
 

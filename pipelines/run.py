@@ -2,7 +2,8 @@
 
 `output_dir/<stage>/` holds `config.yaml` (the resolved run config), the exported networks
 (diffusers layout), `samples.png`, `metrics.json`, `history.jsonl` and `checkpoints/`. A stage
-whose `done.json` matches its config is skipped (and says so), unless forced.
+whose `done.json` matches its config is skipped (and says so), unless forced. Stage folders that
+hold another run (another seed, data or model) stop the job before any work, unless `overwrite`.
 """
 
 from __future__ import annotations
@@ -10,14 +11,17 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import torch
+import yaml
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, ProjectConfiguration
 
-from .config import RunConfig, config_to_dict, save_config
+from .config import ConfigError, RunConfig, config_to_dict, non_default_values, save_config
 from .data import load_data
+from .hub import push
 from .registry import get_stage_kind
 from .stages.base import Stage
 from .trainer import train_stage
@@ -55,15 +59,66 @@ def resolve_mixed_precision(requested: str, cpu: bool) -> str:
 
 def stage_fingerprint(config: RunConfig, stage_name: str) -> str:
     """Hash of everything that determines a stage's outputs: its own block, the data, the seed,
-    and the stages before it (their outputs are its inputs)."""
-    everything = config_to_dict(config)
-    names = [s.name for s in config.stages]
-    upstream = everything["stages"][: names.index(stage_name) + 1]
+    and the stages before it (their outputs are its inputs). Keys at their default values are left
+    out, so a new schema key (with a default that keeps the old behaviour) does not retrain old runs."""
+    everything = non_default_values(config)
+    upstream = _upstream(everything, stage_name)
     for stage in upstream:  # how far to train is part of the outputs; where to resume from is not
-        stage["training"].pop("resume_from_checkpoint")
-    relevant = {"seed": everything["seed"], "data": everything["data"], "stages": upstream,
-                "mixed_precision": everything["mixed_precision"]}
+        stage.get("training", {}).pop("resume_from_checkpoint", None)
+    relevant = {"seed": everything.get("seed"), "data": everything.get("data"), "stages": upstream,
+                "mixed_precision": everything.get("mixed_precision")}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
+
+
+def _upstream(raw: dict, stage_name: str) -> list[dict]:
+    """The raw blocks of `stage_name` and of every stage before it (their outputs are its inputs)."""
+    names = [s["name"] for s in raw["stages"]]
+    return raw["stages"][: names.index(stage_name) + 1]
+
+
+def _run_identity(raw: dict, stage_name: str) -> dict:
+    """What makes a stage folder one run's: the seed, the data, and the kind, input and model of the
+    stage and of every stage before it. Training settings (steps, learning rate, checkpointing, ...)
+    may change between a run and its continuation."""
+    return {"seed": raw["seed"], "data": raw["data"],
+            "stages": {s["name"]: {k: v for k, v in s.items() if k not in ("name", "training")}
+                       for s in _upstream(raw, stage_name)}}
+
+
+def _differences(theirs: dict, ours: dict, prefix: str = "") -> list[str]:
+    """`key is X there, Y here` for every leaf of two nested mappings that differs."""
+    found = []
+    for key in [*ours, *(k for k in theirs if k not in ours)]:
+        there, here = theirs.get(key, "<absent>"), ours.get(key, "<absent>")
+        if isinstance(there, dict) and isinstance(here, dict):
+            found += _differences(there, here, f"{prefix}{key}.")
+        elif there != here:
+            found.append(f"{prefix}{key} is {there!r} there, {here!r} here")
+    return found
+
+
+def other_runs(config: RunConfig) -> dict[Path, str]:
+    """The stage folders of `config` in its output_dir that hold another run's files (a different
+    seed, data or model, see `_run_identity`), each with what differs. Reruns of the same config,
+    which skip or resume, find none."""
+    ours = config_to_dict(config)
+    found = {}
+    for stage in config.stages:
+        folder = Path(config.output_dir) / stage.name
+        saved = folder / "config.yaml"
+        if not saved.is_file():
+            if folder.is_dir() and any(folder.iterdir()):
+                found[folder] = "it holds files but no config.yaml of a stagediff run"
+            continue
+        try:
+            theirs = _run_identity(yaml.safe_load(saved.read_text()), stage.name)
+        except (yaml.YAMLError, AttributeError, KeyError, TypeError, ValueError) as err:
+            found[folder] = f"its {saved.name} is not a stagediff run config ({err!r})"
+            continue
+        differences = _differences(theirs, _run_identity(ours, stage.name))
+        if differences:
+            found[folder] = "; ".join(differences[:4]) + ("; ..." if len(differences) > 4 else "")
+    return found
 
 
 def is_stage_done(config: RunConfig, stage_name: str) -> bool:
@@ -71,12 +126,24 @@ def is_stage_done(config: RunConfig, stage_name: str) -> bool:
     return done.is_file() and json.loads(done.read_text()).get("fingerprint") == stage_fingerprint(config, stage_name)
 
 
-def run(config: RunConfig, force_stages: tuple[str, ...] = ()) -> dict[str, dict[str, float]]:
-    """Train every stage of `config` in order; returns each stage's metrics."""
+def run(config: RunConfig, force_stages: tuple[str, ...] = (), overwrite: bool = False) -> dict[str, dict[str, float]]:
+    """Train every stage of `config` in order; returns each stage's metrics. Stage folders in
+    output_dir that hold another run stop it before any work, unless `overwrite` deletes them."""
     unknown = set(force_stages) - {s.name for s in config.stages}
     if unknown:
         raise ValueError(f"--force-stage: no stage named {sorted(unknown)}; stages are {[s.name for s in config.stages]}")
+    conflicts = other_runs(config)
+    if conflicts and not overwrite:
+        listing = "".join(f"\n  {folder}: {why}" for folder, why in conflicts.items())
+        raise ConfigError(f"output_dir: {config.output_dir} holds another run, which this one would overwrite:"
+                          f"{listing}\nChoose another output_dir, or pass --overwrite to delete these folders "
+                          "and train their stages anew")
     accelerator = make_accelerator(config)
+    if conflicts:
+        if accelerator.is_main_process:
+            for folder in conflicts:
+                shutil.rmtree(folder)
+        accelerator.wait_for_everyone()
     accelerator.init_trackers("stagediff")
     with accelerator.main_process_first():
         data = load_data(config.data)
@@ -107,4 +174,7 @@ def run(config: RunConfig, force_stages: tuple[str, ...] = ()) -> dict[str, dict
                           f"(look at {stage_dir / 'samples.png'})")
         results[stage_config.name] = metrics
     accelerator.end_training()
+    if config.push_to_hub and accelerator.is_main_process:  # the run's final pipeline: its last stage
+        push(Path(config.output_dir) / config.stages[-1].name, config.hub_model_id, private=config.hub_private,
+             license_id=config.hub_license)
     return results

@@ -80,13 +80,14 @@ def train_stage(accelerator: Accelerator, stage: Stage, run: RunConfig,
         ema.to(accelerator.device)
     set_seed(run.seed, device_specific=True)
 
-    step = 0
+    step = grad_scaler_skips = 0
     stopper = _EarlyStopping(stage.monitor, cfg.early_stopping_patience)
+    nonfinite = _NonFiniteSteps(accelerator, cfg.max_nonfinite_skips, name, checkpoints_dir)
     checkpoint = resolve_checkpoint(cfg.resume_from_checkpoint, checkpoints_dir)
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))  # model, optimizer, schedule, RNG states
         state = read_trainer_state(checkpoint)
-        step = state["step"]
+        step, grad_scaler_skips, nonfinite.skipped = state["step"], state["grad_scaler_skips"], state["nonfinite_skips"]
         if ema is not None:
             ema.load_state_dict(load_file(checkpoint / "ema.safetensors"))
         stopper.load(state, checkpoint)
@@ -105,6 +106,7 @@ def train_stage(accelerator: Accelerator, stage: Stage, run: RunConfig,
     meter = _LossMeter(accelerator)
     started = time.perf_counter()
     model.train()
+    step_finite = True  # False once a micro-batch of the current step has a non-finite loss or gradients
     while step < cfg.max_steps:
         batch = next(batches)
         with accelerator.accumulate(model):
@@ -116,15 +118,21 @@ def train_stage(accelerator: Accelerator, stage: Stage, run: RunConfig,
                 accelerator.backward(terms["loss"])
                 if accelerator.sync_gradients and cfg.max_grad_norm is not None:
                     accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
+                step_finite = step_finite and nonfinite.check(terms["loss"], params)
+                if step_finite:
+                    optimizer.step()
+                    lr_scheduler.step()
+                    grad_scaler_skips += optimizer.step_was_skipped  # fp16: the scaler saw inf/NaN gradients
+                    meter.add(terms if len(phases) == 1 else {f"{phase}_{k}": v for k, v in terms.items()})
                 # Every group's gradients: a generator's loss leaves some on the discriminator too.
                 for _, _, each, _ in phases:
                     each.zero_grad(set_to_none=True)
-                meter.add(terms if len(phases) == 1 else {f"{phase}_{k}": v for k, v in terms.items()})
         if not accelerator.sync_gradients:
             continue
         step += 1
+        if not step_finite:
+            nonfinite.skip(step)  # raises past training.max_nonfinite_skips
+            step_finite = True
         meter.steps += 1
         progress.update(1)
         if ema is not None:
@@ -134,6 +142,7 @@ def train_stage(accelerator: Accelerator, stage: Stage, run: RunConfig,
             logs = meter.flush(step, name, checkpoints_dir)  # raises NonFiniteLossError
             logs["images_per_s"] = images_per_step * logs.pop("steps") / logs.pop("seconds")
             logs["lr"] = phases[0][3].get_last_lr()[0]
+            logs.update(_skip_counts(accelerator, nonfinite, grad_scaler_skips))
             progress.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k.endswith("loss")}
                                  | {"img_s": f"{logs['images_per_s']:.0f}"})
             accelerator.log({f"{name}/{k}": v for k, v in logs.items()}, step=step)
@@ -159,7 +168,9 @@ def train_stage(accelerator: Accelerator, stage: Stage, run: RunConfig,
                           stage_dir / "samples" / f"step-{step:06d}.png")
         if cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0:
             meter.flush(step, name, checkpoints_dir, keep=True)  # never checkpoint NaN weights
-            save_checkpoint(accelerator, checkpoints_dir, {"step": step, **stopper.state()},
+            save_checkpoint(accelerator, checkpoints_dir,
+                            {"step": step, **stopper.state(), "nonfinite_skips": nonfinite.skipped,
+                             "grad_scaler_skips": grad_scaler_skips},
                             write_checkpoint_extras, cfg.checkpoints_total_limit)
     progress.close()
     train_seconds = time.perf_counter() - started
@@ -171,6 +182,7 @@ def train_stage(accelerator: Accelerator, stage: Stage, run: RunConfig,
         metrics = stage.evaluate(final, val_loader, accelerator)
         metrics.update(stage.finalize(final, _ordered_loader(stage.data.train, cfg, accelerator), accelerator))
     metrics["train_seconds"] = train_seconds
+    metrics.update(_skip_counts(accelerator, nonfinite, grad_scaler_skips))
     accelerator.log({f"{name}/val/{k}": v for k, v in metrics.items()}, step=step)
     if accelerator.is_main_process:
         stage.export(final, stage_dir)
@@ -255,6 +267,56 @@ class _EarlyStopping:
             self.best_weights = load_file(checkpoint / "best.safetensors")
 
 
+def _skip_counts(accelerator: Accelerator, nonfinite: _NonFiniteSteps, grad_scaler_skips: int) -> dict[str, int]:
+    """The skipped-step counters that apply to this run, for logs and metrics."""
+    counts = {"nonfinite_skips": nonfinite.skipped} if nonfinite.max_skips else {}
+    if accelerator.scaler is not None:
+        counts["grad_scaler_skips"] = grad_scaler_skips
+    return counts
+
+
+def _nonfinite_advice(checkpoints_dir: Path) -> str:
+    return ("stopped without saving. "
+            f"The last good checkpoint (if any) is the newest under {checkpoints_dir}; "
+            "resume with training.resume_from_checkpoint=latest and a lower learning rate")
+
+
+class _NonFiniteSteps:
+    """Skips up to `max_skips` optimizer steps whose loss or gradients are NaN/inf
+    (`training.max_nonfinite_skips`), logging each, and stops past that naming the step.
+
+    Checking costs a host sync per step, so it only runs when skips are allowed; otherwise a
+    non-finite loss stops training at the next log (`_LossMeter.flush`). Under fp16 the grad scaler
+    owns overflowing gradients (it skips those steps itself, counted apart), so only the loss is checked.
+    """
+
+    def __init__(self, accelerator: Accelerator, max_skips: int, stage_name: str, checkpoints_dir: Path):
+        self.accelerator, self.max_skips = accelerator, max_skips
+        self.stage_name, self.checkpoints_dir = stage_name, checkpoints_dir
+        self.skipped = 0
+
+    def check(self, loss: torch.Tensor, params: list[torch.nn.Parameter]) -> bool:
+        """Whether this micro-batch's loss (and, once they are synced, the gradients) are finite on every process."""
+        if not self.max_skips:
+            return True
+        bad = ~torch.isfinite(loss.detach()).all()
+        if self.accelerator.sync_gradients and self.accelerator.scaler is None:
+            for param in params:
+                if param.grad is not None:
+                    bad |= ~torch.isfinite(param.grad).all()
+        return self.accelerator.reduce(bad.float(), reduction="sum").item() == 0
+
+    def skip(self, step: int) -> None:
+        self.skipped += 1
+        if self.skipped > self.max_skips:
+            raise NonFiniteLossError(
+                f"stage {self.stage_name!r}: non-finite loss or gradients at step {step}, {self.skipped} such steps, "
+                f"more than training.max_nonfinite_skips={self.max_skips}; {_nonfinite_advice(self.checkpoints_dir)}")
+        if self.accelerator.is_main_process:
+            logger.warning("[%s] step %d: non-finite loss or gradients; update skipped (%d of at most %d, "
+                           "training.max_nonfinite_skips)", self.stage_name, step, self.skipped, self.max_skips)
+
+
 class _LossMeter:
     """Sums loss terms on the device and syncs with the host only when logging, so steps never
     wait on `.item()`; a NaN anywhere in the window makes the sum NaN and is caught then."""
@@ -273,18 +335,15 @@ class _LossMeter:
             self.counts[key] = self.counts.get(key, 0) + 1
 
     def flush(self, step: int, stage_name: str, checkpoints_dir: Path, keep: bool = False) -> dict[str, float]:
-        keys = list(self.sums)
-        if not keys:
-            return {}
-        means = torch.stack([self.sums[k] / self.counts[k] for k in keys])
+        keys = list(self.sums)  # none when every step since the last flush was skipped
+        means = (torch.stack([self.sums[k] / self.counts[k] for k in keys]) if keys
+                 else torch.zeros(0, device=self.accelerator.device))
         logs = dict(zip(keys, self.accelerator.reduce(means, reduction="mean").tolist()))
         broken = {k: v for k, v in logs.items() if k.endswith("loss") and not math.isfinite(v)}
         if broken:
             raise NonFiniteLossError(
                 f"stage {stage_name!r}: {', '.join(f'{k} became {v}' for k, v in broken.items())} by step {step}; "
-                "stopped without saving. "
-                f"The last good checkpoint (if any) is the newest under {checkpoints_dir}; "
-                "resume with training.resume_from_checkpoint=latest and a lower learning rate")
+                f"{_nonfinite_advice(checkpoints_dir)}")
         logs.update(steps=self.steps, seconds=time.perf_counter() - self.started)
         if not keep:
             self._reset()

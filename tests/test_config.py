@@ -74,3 +74,16 @@ def test_every_shipped_config_loads_and_builds(path, tmp_path):
         # A stage with an `input:` needs that stage's trained outputs; here it builds on the data alone.
         stage = get_stage_kind(stage_config.kind)(stage_config, data, None)
         assert sum(p.numel() for p in stage.build_model().parameters()) > 0
+
+
+def test_fingerprint_ignores_keys_at_their_defaults(tmp_path):
+    """A schema key added later (with a default that keeps the old behaviour) must not make
+    finished stages look changed; a changed value must."""
+    from stagediff.pipelines.run import stage_fingerprint
+
+    raw = tiny_vae_config(tmp_path)
+    plain = stage_fingerprint(parse_run_config(raw), "vae")
+    raw["stages"][0]["training"]["max_nonfinite_skips"] = 0  # written out at its default
+    assert stage_fingerprint(parse_run_config(raw), "vae") == plain
+    raw["stages"][0]["training"]["max_nonfinite_skips"] = 1
+    assert stage_fingerprint(parse_run_config(raw), "vae") != plain

@@ -26,18 +26,14 @@ BETA_SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2"}  # ours -> 
 
 
 @dataclass
-class DDPMModelConfig:
-    """The `model:` block of a `kind: ddpm` stage."""
+class DiffusionConfig:
+    """What every UNet noise predictor's `model:` block has (the ddpm and sr stage kinds)."""
 
     # UNet2DModel (images and latents); one entry per resolution level.
     block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
     attention: list[bool] = field(default_factory=lambda: [False, True, True])
     layers_per_block: int = 1
     norm_num_groups: int = 32
-    # MLPDenoiser (2D vectors).
-    mlp_hidden: int = 128
-    mlp_layers: int = 3
-    mlp_fourier_features: int = 6
     # Forward process.
     num_train_timesteps: int = 1000
     beta_schedule: Literal["linear", "cosine"] = "linear"
@@ -55,11 +51,36 @@ class DDPMModelConfig:
         bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
         if bad:
             raise ValueError(f"norm_num_groups: {self.norm_num_groups} does not divide the widths {bad}")
-        require_positive(self, "num_train_timesteps", "num_inference_steps", "num_eval_samples",
-                         "mlp_hidden", "mlp_layers")
+        require_positive(self, "num_train_timesteps", "num_inference_steps", "num_eval_samples")
         if self.num_inference_steps > self.num_train_timesteps:
             raise ValueError(f"num_inference_steps: {self.num_inference_steps} exceeds num_train_timesteps "
                              f"{self.num_train_timesteps}")
+
+    def make_unet(self, size: int, in_channels: int, out_channels: int) -> UNet2DModel:
+        return UNet2DModel(
+            sample_size=size, in_channels=in_channels, out_channels=out_channels,
+            block_out_channels=tuple(self.block_out_channels), layers_per_block=self.layers_per_block,
+            norm_num_groups=self.norm_num_groups,
+            down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in self.attention),
+            up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(self.attention)),
+        )
+
+    def make_train_scheduler(self) -> DDPMScheduler:
+        return DDPMScheduler(num_train_timesteps=self.num_train_timesteps,
+                             beta_schedule=BETA_SCHEDULES[self.beta_schedule], clip_sample=False)
+
+
+@dataclass
+class DDPMModelConfig(DiffusionConfig):
+    """The `model:` block of a `kind: ddpm` stage: the UNet's, plus an MLPDenoiser for 2D vectors."""
+
+    mlp_hidden: int = 128
+    mlp_layers: int = 3
+    mlp_fourier_features: int = 6
+
+    def __post_init__(self):
+        super().__post_init__()
+        require_positive(self, "mlp_hidden", "mlp_layers")
 
 
 class DDPMStage(DataSpaceStage):
@@ -69,21 +90,13 @@ class DDPMStage(DataSpaceStage):
 
     def build_model(self) -> EpsilonPredictionLoss:
         cfg = self.config.model
-        scheduler = DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps,
-                                  beta_schedule=BETA_SCHEDULES[cfg.beta_schedule], clip_sample=False)
         if self.data.kind == "vector":
             network = MLPDenoiser(dim=self.data.sample_shape[0], hidden=cfg.mlp_hidden, num_layers=cfg.mlp_layers,
                                   fourier_features=cfg.mlp_fourier_features)
         else:
             channels, size, _ = self.data.sample_shape
-            network = UNet2DModel(
-                sample_size=size, in_channels=channels, out_channels=channels,
-                block_out_channels=tuple(cfg.block_out_channels), layers_per_block=cfg.layers_per_block,
-                norm_num_groups=cfg.norm_num_groups,
-                down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in cfg.attention),
-                up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(cfg.attention)),
-            )
-        return EpsilonPredictionLoss(network, scheduler)
+            network = cfg.make_unet(size, channels, channels)
+        return EpsilonPredictionLoss(network, cfg.make_train_scheduler())
 
     @torch.no_grad()
     def validate(self, model: EpsilonPredictionLoss, loader, accelerator: Accelerator) -> dict[str, float]:

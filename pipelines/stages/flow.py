@@ -39,8 +39,10 @@ class FlowModelConfig:
 
     def __post_init__(self):
         require_positive(self, "num_scales", "steps_per_scale", "hidden_channels", "num_blocks", "num_eval_samples")
-        if self.scale_bound <= 0 or self.temperature < 0:
-            raise ValueError("scale_bound must be > 0 and temperature >= 0")
+        if self.scale_bound <= 0:
+            raise ValueError(f"scale_bound: {self.scale_bound!r} is not valid; expected a number > 0")
+        if self.temperature < 0:
+            raise ValueError(f"temperature: {self.temperature!r} is not valid; expected a number >= 0")
 
 
 class FlowStage(DataSpaceStage):

@@ -60,7 +60,12 @@ class DataSpaceStage(Stage):
             samples = self.generate(model, num_samples)
             metrics["sampling_seconds_per_sample"] = (time.perf_counter() - started) / num_samples
             metrics.update(generation_metrics(samples, self.pixel_data, accelerator.device, self.vae_dir))
+            metrics.update(self.sample_metrics(samples))
         return metrics
+
+    def sample_metrics(self, samples: torch.Tensor) -> dict[str, float]:
+        """Family-specific metrics of the `num_eval_samples` evaluation samples (none by default)."""
+        return {}
 
     @torch.no_grad()
     def preview(self, model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
