@@ -18,6 +18,10 @@ class EpsilonPredictionLoss(nn.Module):
     t uniform on {1..T}, eps ~ N(0, I): the seed's loss (its alpha_t is our abar_t). The squared
     norm is averaged over dimensions (a constant factor) so learning rates do not depend on size.
 
+    With a scheduler configured for `prediction_type="v_prediction"` the network predicts instead
+    v = sqrt(abar_t) eps - sqrt(1 - abar_t) x (Salimans & Ho 2022; diffusers' `get_velocity`), the
+    same minimiser reparameterised; the scheduler's sampling steps read it accordingly.
+
     Conditional models (the seed's p(X | Y), e.g. super-resolution) see eps_theta([z_t, y], t):
     the condition y is concatenated to z_t on the channel axis, as in SR3 and latent diffusion.
 
@@ -40,8 +44,9 @@ class EpsilonPredictionLoss(nn.Module):
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (x0.shape[0],), device=x0.device)
         eps = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype)
         zt = self.scheduler.add_noise(x0, eps, t)
-        eps_hat = self.network(zt if y is None else torch.cat([zt, y], 1), t).sample
-        return {"loss": (eps_hat.float() - eps.float()).pow(2).mean()}
+        prediction = self.network(zt if y is None else torch.cat([zt, y], 1), t).sample
+        target = eps if self.scheduler.config.prediction_type == "epsilon" else self.scheduler.get_velocity(x0, eps, t)
+        return {"loss": (prediction.float() - target.float()).pow(2).mean()}
 
 
 def split_condition(batch: torch.Tensor, condition_channels: int) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -98,7 +98,7 @@ def fold_scaling_factor(vae: AutoencoderKL) -> AutoencoderKL:
     state = vae.state_dict()
     state["post_quant_conv.weight"] = state["post_quant_conv.weight"] / vae.config.scaling_factor
     folded.load_state_dict(state)
-    return folded.to(vae.device, vae.dtype).eval()
+    return folded.to(vae.device).eval()
 
 
 class LatentDiffusionPipeline(DiffusionPipeline):

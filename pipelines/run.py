@@ -19,7 +19,7 @@ import yaml
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, ProjectConfiguration
 
-from .config import ConfigError, RunConfig, config_to_dict, non_default_values, save_config
+from .config import ConfigError, RunConfig, non_default_values, parse_run_config, save_config
 from .data import load_data
 from .hub import push
 from .registry import get_stage_kind
@@ -76,11 +76,12 @@ def _upstream(raw: dict, stage_name: str) -> list[dict]:
     return raw["stages"][: names.index(stage_name) + 1]
 
 
-def _run_identity(raw: dict, stage_name: str) -> dict:
+def _run_identity(config: RunConfig, stage_name: str) -> dict:
     """What makes a stage folder one run's: the seed, the data, and the kind, input and model of the
     stage and of every stage before it. Training settings (steps, learning rate, checkpointing, ...)
     may change between a run and its continuation."""
-    return {"seed": raw["seed"], "data": raw["data"],
+    raw = non_default_values(config)  # keys at their defaults are left out, so that a schema key
+    return {"seed": config.seed, "data": raw.get("data"),  # added since a run was saved is no difference
             "stages": {s["name"]: {k: v for k, v in s.items() if k not in ("name", "training")}
                        for s in _upstream(raw, stage_name)}}
 
@@ -89,7 +90,7 @@ def _differences(theirs: dict, ours: dict, prefix: str = "") -> list[str]:
     """`key is X there, Y here` for every leaf of two nested mappings that differs."""
     found = []
     for key in [*ours, *(k for k in theirs if k not in ours)]:
-        there, here = theirs.get(key, "<absent>"), ours.get(key, "<absent>")
+        there, here = theirs.get(key, "<default>"), ours.get(key, "<default>")
         if isinstance(there, dict) and isinstance(here, dict):
             found += _differences(there, here, f"{prefix}{key}.")
         elif there != here:
@@ -101,7 +102,6 @@ def other_runs(config: RunConfig) -> dict[Path, str]:
     """The stage folders of `config` in its output_dir that hold another run's files (a different
     seed, data or model, see `_run_identity`), each with what differs. Reruns of the same config,
     which skip or resume, find none."""
-    ours = config_to_dict(config)
     found = {}
     for stage in config.stages:
         folder = Path(config.output_dir) / stage.name
@@ -111,11 +111,11 @@ def other_runs(config: RunConfig) -> dict[Path, str]:
                 found[folder] = "it holds files but no config.yaml of a stagediff run"
             continue
         try:
-            theirs = _run_identity(yaml.safe_load(saved.read_text()), stage.name)
+            theirs = _run_identity(parse_run_config(yaml.safe_load(saved.read_text())), stage.name)
         except (yaml.YAMLError, AttributeError, KeyError, TypeError, ValueError) as err:
             found[folder] = f"its {saved.name} is not a stagediff run config ({err!r})"
             continue
-        differences = _differences(theirs, _run_identity(ours, stage.name))
+        differences = _differences(theirs, _run_identity(config, stage.name))
         if differences:
             found[folder] = "; ".join(differences[:4]) + ("; ..." if len(differences) > 4 else "")
     return found

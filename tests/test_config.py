@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stagediff.pipelines.config import ConfigError, load_config, parse_run_config, save_config
+from stagediff.pipelines.config import ConfigError, config_to_dict, load_config, parse_run_config, save_config
 from stagediff.pipelines.registry import get_stage_kind
 from stagediff.pipelines.data import load_data
 
@@ -87,3 +87,19 @@ def test_fingerprint_ignores_keys_at_their_defaults(tmp_path):
     assert stage_fingerprint(parse_run_config(raw), "vae") == plain
     raw["stages"][0]["training"]["max_nonfinite_skips"] = 1
     assert stage_fingerprint(parse_run_config(raw), "vae") != plain
+
+
+def test_a_folder_saved_before_a_schema_key_existed_is_the_same_run(tmp_path):
+    from stagediff.pipelines.run import other_runs
+
+    config = parse_run_config(tiny_vae_config(tmp_path / "run"))
+    folder = tmp_path / "run" / "vae"
+    folder.mkdir(parents=True)
+    saved = yaml.safe_load(yaml.safe_dump(config_to_dict(config)))
+    del saved["stages"][0]["training"]["max_nonfinite_skips"]  # as written by an older stagediff
+    del saved["stages"][0]["model"]["kl_weight"]  # (a key at its default value)
+    (folder / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert other_runs(config) == {}
+    saved["seed"] = 3
+    (folder / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert "seed is 3 there, 0 here" in other_runs(config)[folder]

@@ -412,6 +412,33 @@ def test_product_loss_is_the_seed_loss(schedule):
     assert right < PRODUCT_LOSS_MAX and off_by_one > 100 * PRODUCT_LOSS_MAX, (right, off_by_one)
 
 
+def test_v_prediction_loss_targets_v_and_the_scheduler_reads_it_back():
+    """v = sqrt(abar_t) eps - sqrt(1 - abar_t) x (Salimans & Ho 2022): an oracle v scores ~0, and
+    the scheduler's step recovers x from it at t = 0 exactly as from the oracle eps."""
+    from diffusers.models.unets.unet_2d import UNet2DOutput
+
+    from stagediff.modules.ddpm import EpsilonPredictionLoss
+
+    scheduler = DDPMScheduler(num_train_timesteps=T, prediction_type="v_prediction", clip_sample=False)
+    abar = scheduler.alphas_cumprod.double()
+    x = torch.randn((64, 2, 4, 4), generator=gen(6), dtype=torch.float64)
+
+    class Oracle(torch.nn.Module):
+        def forward(self, z, t):
+            a = abar[t].view(-1, 1, 1, 1)
+            eps = (z - a.sqrt() * x) / (1 - a).sqrt()
+            return UNet2DOutput(sample=a.sqrt() * eps - (1 - a).sqrt() * x)
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        assert EpsilonPredictionLoss(Oracle(), scheduler)(x)["loss"].item() < PRODUCT_LOSS_MAX
+    eps = torch.randn(x.shape, generator=gen(7), dtype=torch.float64)
+    t = torch.full((64,), 700)
+    z = abar[700].sqrt() * x + (1 - abar[700]).sqrt() * eps
+    step = scheduler.step(Oracle()(z, t).sample, 700, z)
+    assert torch.allclose(step.pred_original_sample, x, atol=1e-8)
+
+
 # --------------------------------------------------------------------------------------------
 # 5. Fast samplers with an oracle eps
 # --------------------------------------------------------------------------------------------

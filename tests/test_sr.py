@@ -17,12 +17,13 @@ from stagediff.modules.ddpm import EpsilonPredictionLoss
 from stagediff.modules.metrics import psnr, ssim
 from stagediff.modules.sr import RegressionLoss, downsample, gaussian_blur
 from stagediff.pipelines.cli import main
-from stagediff.pipelines.config import ConfigError, parse_run_config
+from stagediff.pipelines.config import ConfigError, load_config, parse_run_config
 from stagediff.pipelines.diffusion import SuperResolutionPipeline, fold_scaling_factor
 from stagediff.pipelines.hub import build_upload_folder
 from stagediff.pipelines.run import run
 
 from conftest import tiny_vae_config
+from reliability.helpers import huge_png
 
 TINY_UNET = {"block_out_channels": [8, 16], "attention": [False, True], "norm_num_groups": 8,
              "num_train_timesteps": 100, "num_inference_steps": 5, "num_eval_samples": 16}
@@ -217,6 +218,7 @@ def inputs(tmp_path):
     Image.fromarray(rng.integers(0, 255, (1, 1), dtype=np.uint8)).save(folder / "dot.png")
     Image.fromarray(rng.integers(0, 255, (40, 20), dtype=np.uint8)).save(folder / "tall.png")
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (folder / "bomb.png").write_bytes(huge_png(50_000, 50_000))  # a header announcing 2.5 gigapixels
     (folder / "notes.txt").write_text("not an image")
     return folder
 
@@ -231,6 +233,7 @@ def test_super_resolve_handles_every_input_kind_and_names_bad_files(sr_run, inpu
     printed = capsys.readouterr()
     assert f"{inputs / 'broken.png'}: not a readable image" in printed.out
     assert f"{inputs / 'dot.png'}: 1x1 px is too small" in printed.out
+    assert f"{inputs / 'bomb.png'}: not a readable image (DecompressionBombError" in printed.out
     assert "tall.png is 20x40 px; resized to 5x10" in printed.out + printed.err
     sizes = {p.name: (Image.open(p).size, Image.open(p).mode) for p in out.iterdir()}
     assert sizes == {
@@ -289,6 +292,17 @@ def test_evaluate_sr_compares_bicubic_regression_and_samples(sr_run, tmp_path, c
     figure = Image.open(out / "figures" / "example_00.png")
     assert figure.size == (7 * (16 + 4), 16 + 4)  # input, bicubic, regression, 3 samples, truth (+ padding)
     assert "| bicubic |" in capsys.readouterr().out
+
+
+def test_documented_sr_config_is_faithful_to_its_inputs(tmp_path):
+    """configs/mnist_sr.yaml's SR stage, trained as documented on the embedded digits: its outputs,
+    downsampled again, match the 8x8 inputs of the 500 held-out digits to > 30 dB on average."""
+    config = load_config(Path(__file__).parents[1] / "configs" / "mnist_sr.yaml",
+                         [f"output_dir={tmp_path / 'run'}", "log_with=none"])
+    config.stages = [stage for stage in config.stages if stage.model.objective == "diffusion"]
+    metrics = run(config)["sr"]
+    assert metrics["num_samples"] == 500
+    assert metrics["consistency_psnr"] > 30
 
 
 def test_sr_model_card_loads_the_uploaded_folder_with_its_own_snippet(sr_run, tmp_path):

@@ -37,6 +37,10 @@ class DiffusionConfig:
     # Forward process.
     num_train_timesteps: int = 1000
     beta_schedule: Literal["linear", "cosine"] = "linear"
+    # What the network predicts: the seed's eps, or v = sqrt(abar_t) eps - sqrt(1 - abar_t) x
+    # (Salimans & Ho 2022), whose x estimate stays accurate at high noise, where eps's is divided by
+    # sqrt(abar_t) ~ 0.006: few-step samplers then start from a sensible image.
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
     # Latent stage: train on posterior means, or on a fresh posterior sample at every step.
     latents: Literal["mean", "sample"] = "mean"
     # Sampling for previews and evaluation.
@@ -66,7 +70,7 @@ class DiffusionConfig:
         )
 
     def make_train_scheduler(self) -> DDPMScheduler:
-        return DDPMScheduler(num_train_timesteps=self.num_train_timesteps,
+        return DDPMScheduler(num_train_timesteps=self.num_train_timesteps, prediction_type=self.prediction_type,
                              beta_schedule=BETA_SCHEDULES[self.beta_schedule], clip_sample=False)
 
 

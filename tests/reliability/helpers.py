@@ -7,9 +7,11 @@ import os
 import random
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import torch
@@ -147,3 +149,11 @@ def _wait_until_stopped(pid: int) -> None:
         if state in "TtZX":  # stopped, or already dead
             return
         time.sleep(0.0005)
+
+
+def huge_png(width: int, height: int) -> bytes:
+    """A few bytes whose header announces a width x height grayscale image (a decompression bomb)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")

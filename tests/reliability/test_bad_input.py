@@ -4,8 +4,6 @@ that holds another run."""
 
 import re
 import shutil
-import struct
-import zlib
 from pathlib import Path
 
 import pytest
@@ -21,7 +19,7 @@ from stagediff.pipelines.run import is_stage_done
 
 from conftest import tiny_vae_config
 
-from .helpers import snapshot, toy_ddpm_config, train, write_config
+from .helpers import huge_png, snapshot, toy_ddpm_config, train, write_config
 
 
 @pytest.fixture(scope="module")
@@ -190,14 +188,6 @@ def test_files_that_are_not_images_are_ignored(tmp_path):
     (tmp_path / "labels.csv").write_text("a,b\n1,2\n")
     data = load_data(DataConfig(source="imagefolder", train_data_dir=str(tmp_path), resolution=8))
     assert len(data.train) + len(data.validation) == 6
-
-
-def huge_png(width: int, height: int) -> bytes:
-    """A few bytes whose header announces a width x height grayscale image (a decompression bomb)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
 
 
 def test_a_huge_image_is_refused_naming_the_file():
