@@ -177,7 +177,7 @@ def add_super_resolve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="output folder (PNGs named INPUT_xSCALE[_K].png)")
     parser.add_argument("--scale", type=int, default=None, help="must match the model's (default: the model's)")
     parser.add_argument("--sampler", choices=["ddpm", "ddim", "dpmsolver"], default=None,
-                        help="diffusion sampler (default: the saved one, DDPM's schedule with 20 steps)")
+                        help="diffusion sampler (default dpmsolver, i.e. DPM-Solver++)")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default 20; ddpm: all T)")
     parser.add_argument("--num-samples", type=int, default=1, help="plausible outputs per input (default 1)")
     parser.add_argument("--seed", type=int, default=0)
@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         COMMANDS[args.command][1](args)
-    except (ConfigError, FileNotFoundError, HubError, NonFiniteLossError, ValueError) as err:
+    except (ConfigError, HubError, NonFiniteLossError, OSError, ValueError) as err:
         # User-facing failures carry messages naming the file, key or value; no traceback needed.
         sys.exit(f"stagediff {args.command}: error: {err}")
 

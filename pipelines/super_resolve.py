@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from ..modules.sr import downsample, resize
 from .config import parse_run_config
 from .data import load_data
-from .diffusion import SAMPLERS, SuperResolutionPipeline, downsampling_factor, make_sampler
+from .diffusion import SuperResolutionPipeline, downsampling_factor, make_sampler
 from .evaluation import cache_dir, get_feature_classifier, image_metrics, super_resolution_metrics
 from .images import save_grid, save_png, to_uint8
 
@@ -145,10 +145,7 @@ def super_resolve_files(inputs: list[str], model: str, out: Path, scale: int | N
     pipeline = SuperResolutionPipeline.from_pretrained(model)
     if scale is not None and scale != pipeline.config.scale:
         raise ValueError(f"--scale {scale}: the model {model} was trained for x{pipeline.config.scale} only")
-    if sampler is not None:
-        if sampler not in SAMPLERS:
-            raise ValueError(f"--sampler {sampler!r} is not known; choose one of {', '.join(SAMPLERS)}")
-        pipeline.scheduler = make_sampler(sampler, pipeline.scheduler.config)
+    pipeline.scheduler = make_sampler(sampler or "dpmsolver", pipeline.scheduler.config)
     steps = None if sampler == "ddpm" and steps is None else (steps or 20)  # ddpm: all T steps
     pipeline.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     pipeline.set_progress_bar_config(disable=True)
@@ -205,8 +202,7 @@ def evaluate_super_resolution(model_dir: Path, regression_dir: Path | None, num_
     def run_pipeline(folder: Path, draws: int) -> tuple[torch.Tensor, float]:
         pipeline = SuperResolutionPipeline.from_pretrained(folder).to(device)
         pipeline.set_progress_bar_config(disable=True)
-        if sampler is not None:
-            pipeline.scheduler = make_sampler(sampler, pipeline.scheduler.config)
+        pipeline.scheduler = make_sampler(sampler or "dpmsolver", pipeline.scheduler.config)
         n_steps = None if sampler == "ddpm" and steps is None else (steps or 20)
         generator = torch.Generator().manual_seed(seed)
         started = time.perf_counter()
