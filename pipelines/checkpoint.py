@@ -29,7 +29,7 @@ TMP_PREFIX = ".tmp-checkpoint-"
 
 
 class CorruptCheckpointError(ValueError):
-    """A checkpoint file that is missing, truncated or corrupted; the message names it."""
+    """A checkpoint or exported weights file that is missing, truncated or corrupted; the message names it."""
 
 
 def list_checkpoints(root: Path) -> list[Path]:
@@ -75,15 +75,27 @@ def verify_checkpoint(checkpoint: Path) -> None:
         files = read_trainer_state(checkpoint)["files"]
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise CorruptCheckpointError(f"{state_file} is unreadable or incomplete ({err!r})") from None
+    verify_manifest(checkpoint, files, state_file)
+
+
+def file_manifest(folder: Path, paths) -> dict[str, list]:
+    """{path relative to `folder`: [size, SHA-256]} for `paths` (files inside `folder`)."""
+    return {str(p.relative_to(folder)): [p.stat().st_size, hash_file(p).hexdigest()] for p in sorted(paths)}
+
+
+def verify_manifest(folder: Path, files: dict[str, list], listed_in: Path) -> None:
+    """Raise CorruptCheckpointError naming the first file of a `file_manifest` that is missing,
+    has another size or another SHA-256 (safetensors checks its header, not its data)."""
     for name, (size, digest) in files.items():
-        path = checkpoint / name
+        path = folder / name
         if not path.is_file():
-            raise CorruptCheckpointError(f"{path} is missing (listed in {state_file})")
+            raise CorruptCheckpointError(f"{path} is missing (listed in {listed_in})")
         if path.stat().st_size != size:
             raise CorruptCheckpointError(f"{path} is truncated or overwritten: {path.stat().st_size} bytes, "
                                          f"{size} when it was saved")
         if hash_file(path).hexdigest() != digest:
-            raise CorruptCheckpointError(f"{path} is corrupted: its SHA-256 differs from the one saved with it")
+            raise CorruptCheckpointError(f"{path} is corrupted: its SHA-256 differs from the one saved with it "
+                                         f"(in {listed_in})")
 
 
 def hash_file(path: Path, digest=None) -> "hashlib._Hash":
@@ -116,8 +128,7 @@ def save_checkpoint(accelerator: Accelerator, root: Path, trainer_state: dict, w
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             write_extra(tmp)
-            files = {str(p.relative_to(tmp)): [p.stat().st_size, hash_file(p).hexdigest()]
-                     for p in sorted(tmp.rglob("*")) if p.is_file()}
+            files = file_manifest(tmp, (p for p in tmp.rglob("*") if p.is_file()))
             _write_json_synced(tmp / TRAINER_STATE, {**trainer_state, "files": files})
             if final.exists():  # re-saving the same step, e.g. after a resume at that step
                 shutil.rmtree(final)

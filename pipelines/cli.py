@@ -20,7 +20,7 @@ from .evaluation import generation_metrics
 from .hub import HubError, push
 from .images import save_grid, save_png, to_uint8
 from .registry import get_stage_kind
-from .run import DONE_FILE, run
+from .run import DONE_FILE, run, verify_exported_weights
 from .study import format_study, parse_variant, seed_study
 from .super_resolve import evaluate_super_resolution, super_resolve_files
 from .trainer import NonFiniteLossError
@@ -87,6 +87,7 @@ def resolve_stage_dir(path: Path) -> tuple[Path, str]:
         order = [s["name"] for s in yaml.safe_load((config_files[0].parent / "config.yaml").read_text())["stages"]]
         candidates = [stage_dirs[name] for name in order if name in stage_dirs][-1:]
     stage_dir = candidates[0]
+    verify_exported_weights(stage_dir)
     # Only the kind is needed to sample: read it without validating the whole (maybe older) config.
     stages = yaml.safe_load((stage_dir / "config.yaml").read_text())["stages"]
     return stage_dir, next(s["kind"] for s in stages if s["name"] == stage_dir.name)

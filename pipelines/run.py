@@ -21,6 +21,7 @@ from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwa
 
 from .config import ConfigError, RunConfig, non_default_values, parse_run_config, save_config
 from .data import load_data
+from .checkpoint import file_manifest, verify_manifest
 from .hub import push
 from .registry import get_stage_kind
 from .stages.base import Stage
@@ -121,6 +122,19 @@ def other_runs(config: RunConfig) -> dict[Path, str]:
     return found
 
 
+def exported_weights(stage_dir: Path) -> dict[str, list]:
+    """The manifest (size, SHA-256) of a finished stage's exported safetensors, kept in done.json:
+    a bit flip inside a weights file is otherwise invisible (safetensors checks only its header)."""
+    return file_manifest(stage_dir, (p for p in stage_dir.rglob("*.safetensors")
+                                     if p.relative_to(stage_dir).parts[0] not in ("checkpoints", "cache")))
+
+
+def verify_exported_weights(stage_dir: Path) -> None:
+    """Raise CorruptCheckpointError naming an exported weights file that changed since training."""
+    done = stage_dir / DONE_FILE
+    verify_manifest(stage_dir, json.loads(done.read_text()).get("files", {}), done)
+
+
 def is_stage_done(config: RunConfig, stage_name: str) -> bool:
     done = Path(config.output_dir) / stage_name / DONE_FILE
     return done.is_file() and json.loads(done.read_text()).get("fingerprint") == stage_fingerprint(config, stage_name)
@@ -155,6 +169,7 @@ def run(config: RunConfig, force_stages: tuple[str, ...] = (), overwrite: bool =
     for stage_config in config.stages:
         stage_dir = Path(config.output_dir) / stage_config.name
         if stage_config.name not in force_stages and is_stage_done(config, stage_config.name):
+            verify_exported_weights(stage_dir)  # its outputs are later stages' inputs
             accelerator.print(f"[{stage_config.name}] outputs in {stage_dir} match the config: skipped "
                               f"(--force-stage {stage_config.name} retrains it)")
             results[stage_config.name] = json.loads((stage_dir / "metrics.json").read_text())
@@ -168,7 +183,8 @@ def run(config: RunConfig, force_stages: tuple[str, ...] = (), overwrite: bool =
         accelerator.wait_for_everyone()
         _, metrics = train_stage(accelerator, stage, config, stage_dir)
         if accelerator.is_main_process:
-            (stage_dir / DONE_FILE).write_text(json.dumps({"fingerprint": stage_fingerprint(config, stage_config.name)}))
+            (stage_dir / DONE_FILE).write_text(json.dumps({"fingerprint": stage_fingerprint(config, stage_config.name),
+                                                           "files": exported_weights(stage_dir)}))
         accelerator.print(f"[{stage_config.name}] " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
         accelerator.print(f"[{stage_config.name}] weights, metrics and samples in {stage_dir} "
                           f"(look at {stage_dir / 'samples.png'})")

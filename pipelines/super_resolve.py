@@ -36,6 +36,7 @@ from .data import load_data
 from .diffusion import SuperResolutionPipeline, downsampling_factor, make_sampler
 from .evaluation import cache_dir, get_feature_classifier, image_metrics, super_resolution_metrics
 from .images import save_grid, save_png, to_uint8
+from .run import DONE_FILE, verify_exported_weights
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 MIN_INPUT_SIDE = 2
@@ -142,6 +143,8 @@ def super_resolve_files(inputs: list[str], model: str, out: Path, scale: int | N
         raise ValueError(f"--num-samples {num_samples}, --batch-size {batch_size} and --max-input-side "
                          f"{max_input_side} must be >= 1, >= 1 and >= {MIN_INPUT_SIDE}")
     paths = collect_inputs(inputs)
+    if (Path(model) / DONE_FILE).is_file():  # a local stage folder: its weights as they were trained
+        verify_exported_weights(Path(model))
     pipeline = SuperResolutionPipeline.from_pretrained(model)
     if scale is not None and scale != pipeline.config.scale:
         raise ValueError(f"--scale {scale}: the model {model} was trained for x{pipeline.config.scale} only")

@@ -98,19 +98,21 @@ def test_resuming_from_a_named_damaged_checkpoint_stops_naming_the_file(checkpoi
                      "when it was saved", str(exit_info.value.code))
 
 
-def test_a_truncated_exported_weights_file_is_named_at_load(checkpointed, tmp_path):
+@pytest.mark.parametrize("how, problem", [(truncate, "is truncated or overwritten"), (flip_a_byte, "is corrupted")])
+def test_a_damaged_exported_weights_file_is_named_at_load(checkpointed, tmp_path, how, problem):
     copy_run(checkpointed, tmp_path / "run")
     weights = tmp_path / "run" / "ddpm" / "unet" / "diffusion_pytorch_model.safetensors"
-    damage(weights, truncate)
-    with pytest.raises(OSError, match=re.escape(str(weights))):
+    damage(weights, how)  # a flipped byte in the tensor data: safetensors itself would load it
+    with pytest.raises(SystemExit, match=re.escape(f"{weights} {problem}")):
         main(["sample", str(tmp_path / "run" / "ddpm"), "--n", "4", "--steps", "2", "--out", str(tmp_path / "out")])
 
 
-def test_a_latent_stage_on_a_truncated_vae_names_the_vae_file(trained_vae, tmp_path):
+@pytest.mark.parametrize("how, problem", [(truncate, "is truncated or overwritten"), (flip_a_byte, "is corrupted")])
+def test_a_latent_stage_on_a_damaged_vae_names_the_vae_file(trained_vae, tmp_path, how, problem):
     raw = with_latent_ddpm(copy_run(trained_vae, tmp_path / "run"))
     weights = tmp_path / "run" / "vae" / "vae" / "diffusion_pytorch_model.safetensors"
-    damage(weights, truncate)
-    with pytest.raises(OSError, match=re.escape(str(weights))):
+    damage(weights, how)
+    with pytest.raises(ValueError, match=re.escape(f"{weights} {problem}")):
         train(raw)
     assert not list((tmp_path / "run" / "ldm" / "cache").glob("latents-*"))
 
