@@ -18,6 +18,8 @@ Conventions shared by every layer here:
   x1 = z1, x2 = exp(s(z1)) * z2 + m(z1); `AffineCoupling.inverse` is that equation and
   `AffineCoupling.forward` its inverse z2 = (x2 - m(x1)) * exp(-s(x1)), whose Jacobian is
   triangular with log-determinant -sum s(x1).
+- For vectors, `SplineCoupling` replaces the affine map by a monotone rational-quadratic spline
+  (Neural Spline Flows), same triangular Jacobian: what sharp 2D toy densities need.
 - Vectors are (B, D); images are (B, C, H, W). The "channel" axis of a vector is its feature axis,
   so `ActNorm` and `InvertibleConv1x1` work on both.
 
@@ -32,6 +34,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from diffusers.utils.torch_utils import randn_tensor
@@ -237,6 +240,113 @@ class AffineCoupling(nn.Module):
         return self._join(z1, torch.exp(s) * z2 + m)
 
 
+def rational_quadratic_spline(x: torch.Tensor, widths: torch.Tensor, heights: torch.Tensor,
+                              derivatives: torch.Tensor, bound: float, inverse: bool = False,
+                              min_bin: float = 1e-3, min_derivative: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Monotone rational-quadratic spline on [-bound, bound], identity outside (Durkan et al.,
+    "Neural Spline Flows", 2019, eqs. 4-6 and appendix A), elementwise.
+
+    Args:
+        x: (N,) inputs (outputs of the spline when `inverse`).
+        widths, heights: (N, K) unnormalised bin sizes (softmax, at least `min_bin` of the interval).
+        derivatives: (N, K - 1) unnormalised derivatives at the inner knots (softplus); the two
+            outer knots have derivative 1, matching the identity tails.
+    Returns:
+        y (N,) and ln |dy/dx| (N,) of the forward map, at x (forward) or at the returned x (inverse).
+    """
+    num_bins = widths.shape[-1]
+    inside = (x >= -bound) & (x <= bound)
+    y, logdet = x.clone(), torch.zeros_like(x)
+    if not inside.any():
+        return y, logdet
+    x_in = x[inside]
+
+    def knots(raw: torch.Tensor) -> torch.Tensor:  # (n, K + 1) positions from -bound to bound
+        sizes = min_bin + (1 - min_bin * num_bins) * torch.softmax(raw[inside], dim=-1)
+        cumulative = F.pad(torch.cumsum(sizes, dim=-1), (1, 0))
+        cumulative = 2 * bound * cumulative - bound
+        return torch.cat([cumulative[:, :1].clamp(max=-bound), cumulative[:, 1:-1],
+                          cumulative[:, -1:].clamp(min=bound)], dim=-1)
+
+    xs, ys = knots(widths), knots(heights)
+    d = F.pad(min_derivative + F.softplus(derivatives[inside]), (1, 1), value=1.0)  # (n, K + 1)
+    search = ys if inverse else xs
+    k = (torch.searchsorted(search[:, 1:-1].contiguous(), x_in[:, None]).squeeze(-1)).clamp(0, num_bins - 1)
+
+    def at(t: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        return t.gather(-1, (k + offset)[:, None]).squeeze(-1)
+
+    x_k, w_k = at(xs), at(xs, 1) - at(xs)
+    y_k, h_k = at(ys), at(ys, 1) - at(ys)
+    d_k, d_k1 = at(d), at(d, 1)
+    s_k = h_k / w_k
+    if inverse:
+        dy = x_in - y_k
+        a = h_k * (s_k - d_k) + dy * (d_k1 + d_k - 2 * s_k)
+        b = h_k * d_k - dy * (d_k1 + d_k - 2 * s_k)
+        c = -s_k * dy
+        theta = (2 * c) / (-b - torch.sqrt((b * b - 4 * a * c).clamp(min=0)))
+        y[inside] = theta * w_k + x_k
+    else:
+        theta = (x_in - x_k) / w_k
+    one_minus = theta * (1 - theta)
+    denominator = s_k + (d_k1 + d_k - 2 * s_k) * one_minus
+    if not inverse:
+        y[inside] = y_k + h_k * (s_k * theta * theta + d_k * one_minus) / denominator
+    derivative = s_k * s_k * (d_k1 * theta * theta + 2 * s_k * one_minus + d_k * (1 - theta) ** 2) / denominator ** 2
+    logdet[inside] = torch.log(derivative)
+    return y, logdet
+
+
+class SplineCoupling(nn.Module):
+    """A coupling layer with a rational-quadratic spline instead of the affine map (vectors):
+
+        h (forward):  z1 = x1,  z2 = g(x2; theta(x1)),  ln |det J_h| = sum_i ln g'(x2_i),
+
+    g monotone on [-bound, bound] with K bins, identity outside; theta from an MLP ResNet of x1
+    (zero-initialised output: g starts as the identity). Far more flexible per layer than
+    x2 exp(s) + m: it can give a coordinate many sharp modes, as the 2D toys have.
+
+    Args:
+        num_channels: D of (B, D) vectors (>= 2).
+        parity: 0 conditions on the first D // 2 entries, 1 on the last D // 2.
+        hidden_channels, num_blocks: the MLP ResNet's width and depth.
+        num_bins: K.
+        bound: the spline's interval is [-bound, bound].
+    """
+
+    def __init__(self, num_channels: int, parity: int = 0, hidden_channels: int = 64, num_blocks: int = 2,
+                 num_bins: int = 8, bound: float = 4.0):
+        super().__init__()
+        if num_channels < 2:
+            raise ValueError(f"a spline coupling needs at least 2 channels, got {num_channels}")
+        self.parity = parity
+        self.num_bins = num_bins
+        self.bound = bound
+        self.split = num_channels // 2 if parity == 0 else num_channels - num_channels // 2
+        num_conditioning = num_channels // 2
+        self.num_transformed = num_channels - num_conditioning
+        self.net = MLPResNet(num_conditioning, self.num_transformed * (3 * num_bins - 1), hidden_channels, num_blocks)
+
+    _parts = AffineCoupling._parts  # the same "half" split and join as the affine coupling's
+    _join = AffineCoupling._join
+
+    def _transform(self, conditioning: torch.Tensor, values: torch.Tensor, inverse: bool):
+        params = self.net(conditioning).view(-1, 3 * self.num_bins - 1)  # (B * D2, 3K - 1)
+        widths, heights, derivatives = params.split([self.num_bins, self.num_bins, self.num_bins - 1], dim=-1)
+        out, logdet = rational_quadratic_spline(values.reshape(-1), widths, heights, derivatives, self.bound, inverse)
+        return out.view_as(values), logdet.view_as(values).sum(dim=1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x1, x2 = self._parts(x)
+        z2, logdet = self._transform(x1, x2, inverse=False)
+        return self._join(x1, z2), logdet
+
+    def inverse(self, z: torch.Tensor) -> torch.Tensor:
+        z1, z2 = self._parts(z)
+        return self._join(z1, self._transform(z1, z2, inverse=True)[0])
+
+
 class ActNorm(nn.Module):
     """Glow's activation normalisation: y = (x + bias) * exp(log_scale) per channel,
     ln |det| = (H * W) * sum_c log_scale_c (H * W = 1 for vectors).
@@ -350,14 +460,9 @@ class FlowSequence(nn.Module):
         return y
 
 
-def flow_step(num_channels: int, mask: str, parity: int, hidden_channels: int, num_blocks: int,
-              scale_bound: float) -> FlowSequence:
-    """One Glow step: ActNorm -> invertible 1x1 conv (learned channel mixing) -> affine coupling."""
-    return FlowSequence([
-        ActNorm(num_channels),
-        InvertibleConv1x1(num_channels),
-        AffineCoupling(num_channels, mask, parity, hidden_channels, num_blocks, scale_bound),
-    ])
+def flow_step(num_channels: int, coupling: nn.Module) -> FlowSequence:
+    """One Glow step: ActNorm -> invertible 1x1 conv (learned channel mixing) -> coupling."""
+    return FlowSequence([ActNorm(num_channels), InvertibleConv1x1(num_channels), coupling])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -388,6 +493,8 @@ class NormalizingFlow(ModelMixin, ConfigMixin):
         hidden_channels: width of each coupling's ResNet.
         num_blocks: residual blocks in each coupling's ResNet.
         scale_bound: |s| <= scale_bound in each coupling.
+        coupling: "affine" (the seed's) or "spline" (`SplineCoupling`, vectors only).
+        num_bins, spline_bound: the spline couplings' K and interval [-bound, bound].
         coupling_mask: "channel" (Glow) or "checkerboard" (RealNVP) for image couplings. The
             couplings act after each squeeze, so a checkerboard at 1x1 resolution (the last scale
             of a fully squeezed image) degenerates to an input-independent affine map.
@@ -396,20 +503,26 @@ class NormalizingFlow(ModelMixin, ConfigMixin):
     @register_to_config
     def __init__(self, sample_shape: Sequence[int] = (2,), num_scales: int = 2, steps_per_scale: int = 4,
                  hidden_channels: int = 64, num_blocks: int = 2, scale_bound: float = 2.0,
-                 coupling_mask: str = "channel"):
+                 coupling_mask: str = "channel", coupling: str = "affine", num_bins: int = 8,
+                 spline_bound: float = 4.0):
         super().__init__()
         shape = tuple(int(n) for n in sample_shape)
         self.num_dims = math.prod(shape)
         self.is_image = len(shape) == 3
         if len(shape) == 1:
+            def vector_coupling(parity: int) -> nn.Module:
+                if coupling == "spline":
+                    return SplineCoupling(shape[0], parity, hidden_channels, num_blocks, num_bins, spline_bound)
+                return AffineCoupling(shape[0], "half", parity, hidden_channels, num_blocks, scale_bound)
+
             self.scales = nn.ModuleList([FlowSequence([
-                flow_step(shape[0], "half", k % 2, hidden_channels, num_blocks, scale_bound)
-                for k in range(steps_per_scale)
-            ])])
+                flow_step(shape[0], vector_coupling(k % 2)) for k in range(steps_per_scale)])])
             self.latent_shapes = [shape]
             return
         if len(shape) != 3:
             raise ValueError(f"sample_shape must be (C, H, W) or (D,), got {shape}")
+        if coupling != "affine":
+            raise ValueError(f"coupling {coupling!r} is for vectors only; image flows use affine couplings")
         if coupling_mask not in ("channel", "checkerboard"):
             raise ValueError(f"coupling_mask must be 'channel' or 'checkerboard', got {coupling_mask!r}")
         c, h, w = shape
@@ -418,7 +531,7 @@ class NormalizingFlow(ModelMixin, ConfigMixin):
         scales, self.latent_shapes = [], []
         for scale in range(num_scales):
             c, h, w = 4 * c, h // 2, w // 2
-            steps = [flow_step(c, coupling_mask, k % 2, hidden_channels, num_blocks, scale_bound)
+            steps = [flow_step(c, AffineCoupling(c, coupling_mask, k % 2, hidden_channels, num_blocks, scale_bound))
                      for k in range(steps_per_scale)]
             scales.append(FlowSequence([Squeeze(), *steps]))
             if scale < num_scales - 1:

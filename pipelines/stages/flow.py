@@ -33,12 +33,17 @@ class FlowModelConfig:
     num_blocks: int = 2
     scale_bound: float = 2.0
     coupling_mask: Literal["channel", "checkerboard"] = "channel"
+    # Vectors: the seed's affine coupling, or a rational-quadratic spline (Durkan et al. 2019).
+    coupling: Literal["affine", "spline"] = "affine"
+    num_bins: int = 8
+    spline_bound: float = 4.0
     latents: Literal["mean", "sample"] = "mean"
     temperature: float = 1.0  # sampling temperature for previews and evaluation
     num_eval_samples: int = 1000
 
     def __post_init__(self):
-        require_positive(self, "num_scales", "steps_per_scale", "hidden_channels", "num_blocks", "num_eval_samples")
+        require_positive(self, "num_scales", "steps_per_scale", "hidden_channels", "num_blocks", "num_eval_samples",
+                         "num_bins")
         if self.scale_bound <= 0:
             raise ValueError(f"scale_bound: {self.scale_bound!r} is not valid; expected a number > 0")
         if self.temperature < 0:
@@ -63,7 +68,8 @@ class FlowStage(DataSpaceStage):
         flow = NormalizingFlow(sample_shape=list(self.data.sample_shape), num_scales=cfg.num_scales,
                                steps_per_scale=cfg.steps_per_scale, hidden_channels=cfg.hidden_channels,
                                num_blocks=cfg.num_blocks, scale_bound=cfg.scale_bound,
-                               coupling_mask=cfg.coupling_mask)
+                               coupling_mask=cfg.coupling_mask, coupling=cfg.coupling, num_bins=cfg.num_bins,
+                               spline_bound=cfg.spline_bound)
         # ActNorm's data-dependent initialisation, on the same first training examples in every
         # process (so distributed replicas start identical).
         count = min(ACTNORM_INIT_EXAMPLES, len(self.data.train))
