@@ -127,3 +127,17 @@ def test_rerun_skips_a_finished_stage(trained_vae, capsys):
     config, metrics = trained_vae
     assert run(config)["vae"] == metrics
     assert "match the config: skipped" in capsys.readouterr().out
+
+
+def test_preview_lines_up_a_validation_split_smaller_than_two_rows(tmp_path):
+    from PIL import Image
+
+    from conftest import tiny_vae_config
+    from stagediff.pipelines.config import parse_run_config
+
+    raw = tiny_vae_config(tmp_path / "run", max_steps=2)
+    raw["data"].update(validation_fraction=0.001)  # 5 of the 5,000 digits held out
+    run(parse_run_config(raw))
+    grid = Image.open(tmp_path / "run" / "vae" / "samples.png")
+    # 1 row of originals + 1 of reconstructions (padded to 8), then 4 rows of prior samples: 8 x 6 tiles.
+    assert grid.size == (8 * (16 + 4), 6 * (16 + 4))  # each 16x16 tile padded by 2 on every side

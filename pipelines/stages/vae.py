@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from diffusers import AutoencoderKL
+from einops import rearrange
 
 from ...modules.likelihood import bits_per_dim, dequantize
 from ...modules.vae import GaussianVAE, make_autoencoder
@@ -101,9 +102,12 @@ class VAEStage(Stage):
         """Rows: 8 validation images, their reconstructions (twice), then decoded prior samples."""
         x = batch[:16]
         recon = model.autoencoder.decode(model.autoencoder.encode(x).latent_dist.mean).sample
-        pairs = torch.stack([x.view(2, 8, *x.shape[1:]), recon.view(2, 8, *x.shape[1:])], 1)
+        # Pad to whole rows of 8 (black), so a validation split of fewer than 16 images still lines up.
+        padding = x.new_full(((-len(x)) % 8, *x.shape[1:]), -1.0)
+        x, recon = torch.cat([x, padding]), torch.cat([recon, padding])
+        pairs = rearrange(torch.stack([x, recon]), "two (r n) ... -> (r two n) ...", n=8)
         samples = decode_prior(model.autoencoder, 32, None, x.device)
-        return torch.cat([pairs.flatten(0, 2), samples]).clamp(-1, 1)
+        return torch.cat([pairs, samples]).clamp(-1, 1)
 
     @torch.no_grad()
     def finalize(self, model: GaussianVAE, loader, accelerator: Accelerator) -> dict[str, float]:
