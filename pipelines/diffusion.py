@@ -129,6 +129,13 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         return ImagePipelineOutput(images=images) if return_dict else (images,)
 
 
+def pil_to_model_range(image: Image.Image) -> torch.Tensor:
+    """A PIL image (any band count) -> (1, bands, H, W) float32 in [-1, 1] (k / 127.5 - 1)."""
+    bands = len(image.getbands())
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).reshape(image.height, image.width, bands))
+    return pixels.permute(2, 0, 1)[None] / 127.5 - 1
+
+
 class SuperResolutionPipeline(DiffusionPipeline):
     """Image-to-image super-resolution (the seed's p(X | Y)): a UNet conditioned on the low-resolution
     image, in pixel space (SR3) or in a VAE's latent space (latent diffusion's SR model).
@@ -165,10 +172,7 @@ class SuperResolutionPipeline(DiffusionPipeline):
                  generator: torch.Generator | list[torch.Generator] | None = None, output_type: str = "pil", return_dict: bool = True):
         """`image`: a PIL image, or a (B, C, h, w) tensor in [-1, 1]; returns images `scale` times larger."""
         if isinstance(image, Image.Image):
-            mode = "L" if self.image_channels == 1 else "RGB"
-            pixels = torch.from_numpy(np.asarray(image.convert(mode), dtype=np.float32)).reshape(
-                image.height, image.width, self.image_channels)
-            image = pixels.permute(2, 0, 1)[None] / 127.5 - 1
+            image = pil_to_model_range(image.convert("L" if self.image_channels == 1 else "RGB"))
         progress = not getattr(self, "_progress_bar_config", {}).get("disable", False)
         images = super_resolve(self.unet, self.scheduler, image.to(self.device), self.config.scale,
                                self.config.objective, self.vqvae, num_inference_steps, generator, progress)

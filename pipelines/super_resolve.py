@@ -23,7 +23,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
@@ -33,7 +32,7 @@ from tqdm.auto import tqdm
 from ..modules.sr import downsample, resize
 from .config import parse_run_config
 from .data import load_data
-from .diffusion import SuperResolutionPipeline, downsampling_factor, make_sampler
+from .diffusion import SuperResolutionPipeline, downsampling_factor, make_sampler, pil_to_model_range
 from .evaluation import cache_dir, get_feature_classifier, image_metrics, super_resolution_metrics
 from .images import save_grid, save_png, to_uint8
 from .run import DONE_FILE, verify_exported_weights
@@ -91,12 +90,7 @@ def load_image(path: Path, channels: int, max_input_side: int) -> LoadedImage:
                    f"(--max-input-side {max_input_side})")
         image = image.resize(size, Image.Resampling.BICUBIC)
         alpha = alpha.resize(size, Image.Resampling.BICUBIC) if alpha is not None else None
-
-    def to_tensor(picture: Image.Image, bands: int) -> torch.Tensor:
-        array = np.asarray(picture, dtype=np.float32).reshape(picture.height, picture.width, bands)
-        return torch.from_numpy(array).permute(2, 0, 1)[None] / 127.5 - 1
-
-    return LoadedImage(to_tensor(image, channels), to_tensor(alpha, 1) if alpha is not None else None)
+    return LoadedImage(pil_to_model_range(image), pil_to_model_range(alpha) if alpha is not None else None)
 
 
 def input_multiple(pipeline: SuperResolutionPipeline) -> int:

@@ -23,7 +23,7 @@ from stagediff.pipelines.hub import build_upload_folder
 from stagediff.pipelines.run import run
 
 from conftest import tiny_vae_config
-from reliability.helpers import huge_png
+from reliability.helpers import huge_png, train
 
 TINY_UNET = {"block_out_channels": [8, 16], "attention": [False, True], "norm_num_groups": 8,
              "num_train_timesteps": 100, "num_inference_steps": 5, "num_eval_samples": 16}
@@ -137,12 +137,8 @@ def sr_run_config(output_dir):
 
 @pytest.fixture(scope="module")
 def sr_run(tmp_path_factory):
-    from accelerate.state import AcceleratorState
-
-    config = parse_run_config(sr_run_config(tmp_path_factory.mktemp("sr") / "run"))
-    results = run(config)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    return config, results
+    raw = sr_run_config(tmp_path_factory.mktemp("sr") / "run")
+    return parse_run_config(raw), train(raw)
 
 
 def test_sr_stages_train_and_report_fidelity(sr_run):
