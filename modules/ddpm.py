@@ -40,13 +40,17 @@ class EpsilonPredictionLoss(nn.Module):
         self.condition_channels = condition_channels
 
     def forward(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"loss": self.per_example_loss(batch).mean()}
+
+    def per_example_loss(self, batch: torch.Tensor) -> torch.Tensor:
+        """(B,) squared errors, each averaged over its example's dimensions."""
         x0, y = split_condition(batch, self.condition_channels)
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (x0.shape[0],), device=x0.device)
         eps = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype)
         zt = self.scheduler.add_noise(x0, eps, t)
         prediction = self.network(zt if y is None else torch.cat([zt, y], 1), t).sample
         target = eps if self.scheduler.config.prediction_type == "epsilon" else self.scheduler.get_velocity(x0, eps, t)
-        return {"loss": (prediction.float() - target.float()).pow(2).mean()}
+        return (prediction.float() - target.float()).pow(2).flatten(1).mean(1)
 
 
 def split_condition(batch: torch.Tensor, condition_channels: int) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -25,10 +25,16 @@ class EMA(nn.Module):
         self.averaged = copy.deepcopy(model).eval().requires_grad_(False)
         self.decay = decay
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+        self._updates = 0  # num_updates on the host: reading the buffer would wait on a GPU every step
+
+    def _load_from_state_dict(self, *args, **kwargs):  # load_state_dict, also as a submodule
+        super()._load_from_state_dict(*args, **kwargs)
+        self._updates = int(self.num_updates)
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        t = int(self.num_updates)
+        """One averaging step: no host-device synchronisation, one fused kernel per dtype/device."""
+        t = self._updates
         decay = min(self.decay, (1 + t) / (10 + t))
         ema_params = list(self.averaged.parameters())
         params = [p.detach().to(e.dtype) for p, e in zip(model.parameters(), ema_params)]
@@ -36,3 +42,4 @@ class EMA(nn.Module):
         for ema_buffer, buffer in zip(self.averaged.buffers(), model.buffers()):
             ema_buffer.copy_(buffer)
         self.num_updates += 1
+        self._updates += 1

@@ -70,6 +70,10 @@ class RegressionLoss(nn.Module):
         self.condition_channels = condition_channels
 
     def forward(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"loss": self.per_example_loss(batch).mean()}
+
+    def per_example_loss(self, batch: torch.Tensor) -> torch.Tensor:
+        """(B,) squared errors ||x - g(y)||^2, each averaged over its example's pixels."""
         x, y = split_condition(batch, self.condition_channels)
         x_hat = self.network(y, 0).sample
-        return {"loss": (x_hat.float() - x.float()).pow(2).mean()}
+        return (x_hat.float() - x.float()).pow(2).flatten(1).mean(1)

@@ -1,4 +1,4 @@
-"""`stagediff` command line: train, sample, evaluate, super-resolve, push, study. `scripts/*.py`
+"""`stagediff` command line: train, sample, evaluate, super-resolve, push, study, report, compare. `scripts/*.py`
 call the same functions, so `accelerate launch scripts/train.py ...` and `stagediff train ...` run
 the same job."""
 
@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from accelerate import PartialState
 
 from .config import ConfigError, load_config, parse_run_config
 from .data import load_data
@@ -20,6 +21,7 @@ from .evaluation import generation_metrics
 from .hub import HubError, push
 from .images import save_grid, save_png, to_uint8
 from .registry import get_stage_kind
+from .report import finished_stages, write_report
 from .run import DONE_FILE, run, verify_exported_weights
 from .study import format_study, parse_variant, seed_study
 from .super_resolve import evaluate_super_resolution, super_resolve_files
@@ -75,18 +77,7 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
 
 def resolve_stage_dir(path: Path) -> tuple[Path, str]:
     """(stage folder, stage kind) for a stage folder or a run folder (its last finished stage)."""
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no such folder")
-    candidates = [path] if (path / DONE_FILE).is_file() else []
-    if not candidates:
-        config_files = sorted(path.glob(f"*/{DONE_FILE}"))
-        if not config_files:
-            raise FileNotFoundError(f"{path}: neither a trained stage folder (no {DONE_FILE}) "
-                                    "nor a run folder holding one")
-        stage_dirs = {p.parent.name: p.parent for p in config_files}
-        order = [s["name"] for s in yaml.safe_load((config_files[0].parent / "config.yaml").read_text())["stages"]]
-        candidates = [stage_dirs[name] for name in order if name in stage_dirs][-1:]
-    stage_dir = candidates[0]
+    stage_dir = finished_stages(path)[-1]
     verify_exported_weights(stage_dir)
     # Only the kind is needed to sample: read it without validating the whole (maybe older) config.
     stages = yaml.safe_load((stage_dir / "config.yaml").read_text())["stages"]
@@ -233,6 +224,30 @@ def push_command(args: argparse.Namespace) -> None:
          dry_run=args.dry_run)
 
 
+def add_report_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR",
+                        help="run folders (every finished stage) or stage folders")
+    parser.add_argument("--out", type=Path, required=True, help="folder for index.html and its PNGs")
+
+
+def report_command(args: argparse.Namespace) -> None:
+    print(f"wrote {write_report(args.run_dirs, args.out)} (open it in a browser)")
+
+
+def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
+    add_train_arguments(parser)
+    parser.add_argument("--out", type=Path, default=None, help="report folder (default OUTPUT_DIR/report)")
+
+
+def compare_command(args: argparse.Namespace) -> None:
+    """Train a config's stages (finished ones are reused), then report on all of them."""
+    config = load_config(args.config, args.overrides)
+    run(config, force_stages=tuple(args.force_stage), overwrite=args.overwrite)
+    if PartialState().is_main_process:
+        report_command(argparse.Namespace(run_dirs=[Path(config.output_dir)],
+                                          out=args.out or Path(config.output_dir) / "report"))
+
+
 COMMANDS = {
     "train": (add_train_arguments, train_command, "train the stages of a run config"),
     "sample": (add_sample_arguments, sample_command, "generate images from a trained stage"),
@@ -241,6 +256,10 @@ COMMANDS = {
                       "super-resolve image files with a trained sr model (local folder or hub id)"),
     "study": (add_study_arguments, study_command, "retrain a config over training seeds and variants, tabulate"),
     "push": (add_push_arguments, push_command, "upload a trained stage with a model card to a hub"),
+    "report": (add_report_arguments, report_command,
+               "an HTML page with curves, samples and a comparison table of trained runs"),
+    "compare": (add_compare_arguments, compare_command,
+                "train a config's stages (e.g. configs/compare_families.yaml), then write their report"),
 }
 
 

@@ -110,6 +110,8 @@ class RunConfig:
     stages: list[StageConfig] = field(default_factory=list)
     # At the end of the run, push the last stage's folder (the final pipeline) to this hub repo.
     push_to_hub: bool = False
+    # Also push the last stage's weights at each of its checkpoints (a commit per checkpoint).
+    push_every_checkpoint: bool = False
     hub_model_id: Optional[str] = None  # USER/NAME
     hub_private: bool = False
     hub_license: str = DEFAULT_LICENSE  # the model card's license
@@ -117,6 +119,8 @@ class RunConfig:
     def __post_init__(self):
         _require(not self.push_to_hub or self.hub_model_id is not None, "hub_model_id", self.hub_model_id,
                  "a hub repository id USER/NAME when push_to_hub is true")
+        _require(not self.push_every_checkpoint or self.push_to_hub, "push_every_checkpoint", self.push_every_checkpoint,
+                 "false unless push_to_hub is true")
         if self.hub_model_id is not None:
             check_repo_id(self.hub_model_id, "hub_model_id")
 
@@ -325,5 +329,10 @@ def non_default_values(config: Any) -> dict:
 
 
 def save_config(config: Any, path: str | Path) -> None:
-    """Write the resolved config; `load_config` on the result gives an equal config."""
-    Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    """Write the resolved config; `load_config` on the result gives an equal config. Written under a
+    temporary name and renamed: a kill leaves no half-written config that a rerun would take for
+    another run's."""
+    path = Path(path)
+    partial = path.with_name(path.name + ".tmp")
+    partial.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    partial.replace(path)

@@ -24,11 +24,14 @@ SAMPLERS = {
 
 
 def make_sampler(name: str, train_scheduler_config) -> DDPMScheduler:
-    """A sampling scheduler with the training schedule's betas."""
-    try:
-        return SAMPLERS[name].from_config(train_scheduler_config)
-    except KeyError:
-        raise ValueError(f"sampler {name!r} is not known; choose one of {', '.join(SAMPLERS)}") from None
+    """A sampling scheduler with the training schedule's betas and its x_0 clipping: DDPM and DDIM
+    read `clip_sample`; DPM-Solver++ has none, but its thresholding with `sample_max_value` 1 (the
+    default range) is exactly the clamp of x_0 to [-1, 1]."""
+    if name not in SAMPLERS:
+        raise ValueError(f"sampler {name!r} is not known; choose one of {', '.join(SAMPLERS)}")
+    clip = {"thresholding": True, "sample_max_value": train_scheduler_config.get("clip_sample_range", 1.0)} \
+        if name == "dpmsolver" and train_scheduler_config.get("clip_sample") else {}
+    return SAMPLERS[name].from_config(train_scheduler_config, **clip)
 
 
 @torch.no_grad()

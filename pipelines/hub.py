@@ -187,12 +187,12 @@ def _components(folder: Path) -> list[str]:
     lines = []
     for sub, class_name in _component_classes(folder).items():
         weights = sorted((folder / sub).glob("*.safetensors"))
-        count = sum(_parameter_count(p) for p in weights)
+        count = sum(parameter_count(p) for p in weights)
         lines.append(f"- `{sub}/`: `{class_name}`" + (f", {count:,} parameters" if weights else ""))
     return lines
 
 
-def _parameter_count(path: Path) -> int:
+def parameter_count(path: Path) -> int:
     count = 0
     with safe_open(str(path), framework="pt") as tensors:  # reads the header only
         for key in tensors.keys():

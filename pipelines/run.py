@@ -11,7 +11,9 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -22,12 +24,13 @@ from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwa
 from .config import ConfigError, RunConfig, non_default_values, parse_run_config, save_config
 from .data import load_data
 from .checkpoint import file_manifest, verify_manifest
-from .hub import push
+from .hub import HubError, push
 from .registry import get_stage_kind
 from .stages.base import Stage
 from .trainer import train_stage
 
 DONE_FILE = "done.json"
+logger = logging.getLogger(__name__)
 
 
 def make_accelerator(config: RunConfig) -> Accelerator:
@@ -140,9 +143,11 @@ def is_stage_done(config: RunConfig, stage_name: str) -> bool:
     return done.is_file() and json.loads(done.read_text()).get("fingerprint") == stage_fingerprint(config, stage_name)
 
 
-def run(config: RunConfig, force_stages: tuple[str, ...] = (), overwrite: bool = False) -> dict[str, dict[str, float]]:
+def run(config: RunConfig, force_stages: tuple[str, ...] = (), overwrite: bool = False,
+        hub_api=None) -> dict[str, dict[str, float]]:
     """Train every stage of `config` in order; returns each stage's metrics. Stage folders in
-    output_dir that hold another run stop it before any work, unless `overwrite` deletes them."""
+    output_dir that hold another run stop it before any work, unless `overwrite` deletes them.
+    `hub_api`: the client for `push_to_hub` (default: huggingface_hub's, see `hub.push`)."""
     unknown = set(force_stages) - {s.name for s in config.stages}
     if unknown:
         raise ValueError(f"--force-stage: no stage named {sorted(unknown)}; stages are {[s.name for s in config.stages]}")
@@ -181,7 +186,9 @@ def run(config: RunConfig, force_stages: tuple[str, ...] = (), overwrite: bool =
             (stage_dir / DONE_FILE).unlink(missing_ok=True)
             save_config(config, stage_dir / "config.yaml")
         accelerator.wait_for_everyone()
-        _, metrics = train_stage(accelerator, stage, config, stage_dir)
+        pushed = config.push_every_checkpoint and stage_config is config.stages[-1]  # the run's pipeline
+        _, metrics = train_stage(accelerator, stage, config, stage_dir,
+                                 on_checkpoint=checkpoint_pusher(config, stage, stage_dir, hub_api) if pushed else None)
         if accelerator.is_main_process:
             (stage_dir / DONE_FILE).write_text(json.dumps({"fingerprint": stage_fingerprint(config, stage_config.name),
                                                            "files": exported_weights(stage_dir)}))
@@ -192,5 +199,25 @@ def run(config: RunConfig, force_stages: tuple[str, ...] = (), overwrite: bool =
     accelerator.end_training()
     if config.push_to_hub and accelerator.is_main_process:  # the run's final pipeline: its last stage
         push(Path(config.output_dir) / config.stages[-1].name, config.hub_model_id, private=config.hub_private,
-             license_id=config.hub_license)
+             license_id=config.hub_license, api=hub_api)
     return results
+
+
+def checkpoint_pusher(config: RunConfig, stage: Stage, stage_dir: Path, hub_api=None):
+    """`on_checkpoint` for `push_every_checkpoint`: export the weights as they are into a temporary
+    stage folder and push it, like diffusers' training examples at each save. A failed push is
+    reported and training goes on; the push at the end tries again."""
+
+    def push_snapshot(model: torch.nn.Module, step: int) -> None:
+        with tempfile.TemporaryDirectory(prefix="stagediff-snapshot-") as tmp:
+            snapshot = Path(tmp) / stage_dir.name  # the card names the stage after its folder
+            snapshot.mkdir()
+            stage.export(model, snapshot)
+            shutil.copyfile(stage_dir / "config.yaml", snapshot / "config.yaml")
+            try:
+                push(snapshot, config.hub_model_id, private=config.hub_private, license_id=config.hub_license,
+                     commit_message=f"{stage_dir.name}: checkpoint at step {step} (stagediff)", api=hub_api)
+            except HubError as err:
+                logger.warning(f"[{stage_dir.name}] step {step}: {err}; training goes on")
+
+    return push_snapshot

@@ -14,6 +14,7 @@ import math
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 import torch
 from accelerate import Accelerator
@@ -39,13 +40,18 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or inf; the message names the step and the last good checkpoint."""
 
 
-def train_stage(accelerator: Accelerator, stage: Stage, run: RunConfig,
-                stage_dir: Path) -> tuple[torch.nn.Module, dict[str, float]]:
+def train_stage(accelerator: Accelerator, stage: Stage, run: RunConfig, stage_dir: Path,
+                on_checkpoint: Callable[[torch.nn.Module, int], None] | None = None,
+                ) -> tuple[torch.nn.Module, dict[str, float]]:
     """Train one stage into `stage_dir`; return the final model (EMA weights if any, on every
-    process) and its validation metrics."""
+    process) and its validation metrics. `on_checkpoint(model, step)` runs on the main process
+    after each checkpoint is saved, with the weights that would be exported (e.g. to push them)."""
     cfg = stage.config.training
     name = stage.config.name
     checkpoints_dir = stage_dir / "checkpoints"
+    # One Accelerator serves every stage of a run: forget the stages before, so that this stage's
+    # checkpoints hold its own model and optimizers only (a resume may skip the stages before).
+    accelerator.free_memory()
     accelerator.gradient_accumulation_steps = cfg.gradient_accumulation_steps
     stage.setup(accelerator, stage_dir)
     augment_images = stage.data.kind == "image"
@@ -65,16 +71,25 @@ def train_stage(accelerator: Accelerator, stage: Stage, run: RunConfig,
     ema = EMA(model, cfg.ema_decay) if cfg.ema_decay else None
     # One optimizer and schedule per named parameter group (one for most stages; a GAN has two).
     groups = stage.parameter_groups(model)
+    # Fused AdamW: one kernel for all parameters (the demo UNet's update on a CPU: 1.6 ms, foreach
+    # 6.3 ms, a loop 7.8 ms). foreach under fp16, where Accelerate sees the grad scaler's skipped
+    # steps only for optimizers that do not take the scaler's inf check themselves (fused ones do).
+    fused = accelerator.scaler is None and accelerator.device.type in ("cpu", "cuda")
     optimizers = [torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                    weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon, foreach=True)
+                                    weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon,
+                                    **({"fused": True} if fused else {"foreach": True}))
                   for params in groups.values()]
-    # A prepared scheduler steps once per process per optimizer step (as in diffusers' examples).
-    schedulers = [get_scheduler(LR_SCHEDULES[cfg.lr_scheduler], optimizer,
-                                num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
-                                num_training_steps=cfg.max_steps * accelerator.num_processes)
+    # One schedule step per optimizer step, whatever the number of processes (`split_batches`
+    # below; accelerate's default, as in diffusers' examples, steps it once per process with
+    # lengths scaled to match), so a checkpoint resumes at the right learning rate with another
+    # process count.
+    schedulers = [get_scheduler(LR_SCHEDULES[cfg.lr_scheduler], optimizer, num_warmup_steps=cfg.lr_warmup_steps,
+                                num_training_steps=cfg.max_steps)
                   for optimizer in optimizers]
     model, train_loader, val_loader, *prepared = accelerator.prepare(
         model, train_loader, val_loader, *optimizers, *schedulers)
+    for lr_scheduler in prepared[len(groups):]:
+        lr_scheduler.split_batches = True
     phases = list(zip(groups, groups.values(), prepared[: len(groups)], prepared[len(groups):]))
     if ema is not None:
         ema.to(accelerator.device)
@@ -92,6 +107,8 @@ def train_stage(accelerator: Accelerator, stage: Stage, run: RunConfig,
             ema.load_state_dict(load_file(checkpoint / "ema.safetensors"))
         stopper.load(state, checkpoint)
         accelerator.print(f"[{name}] resumed from {checkpoint} at step {step}")
+    if accelerator.is_main_process:
+        _truncate_history(stage_dir / "history.jsonl", step)
 
     def write_checkpoint_extras(folder: Path) -> None:
         save_config(run, folder / "config.yaml")
@@ -101,6 +118,11 @@ def train_stage(accelerator: Accelerator, stage: Stage, run: RunConfig,
 
     preview_batch = torch.stack([stage.data.validation[i]["x"] for i in range(min(16, len(stage.data.validation)))])
     images_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes
+    if accelerator.is_main_process:  # the learning rate is never scaled with the batch: say so
+        accelerator.print(f"[{name}] effective batch {images_per_step} = {cfg.batch_size} per process x "
+                          f"{cfg.gradient_accumulation_steps} accumulation step(s) x {accelerator.num_processes} "
+                          f"process(es) on {accelerator.device.type}; lr {cfg.learning_rate:g} as configured "
+                          f"(not scaled with the {accelerator.num_processes} process(es))")
     batches = _endless_batches(train_loader, accelerator, first_batch=step * cfg.gradient_accumulation_steps)
     progress = tqdm(total=cfg.max_steps, initial=step, desc=name, disable=not accelerator.is_local_main_process)
     meter = _LossMeter(accelerator)
@@ -140,7 +162,8 @@ def train_stage(accelerator: Accelerator, stage: Stage, run: RunConfig,
 
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             logs = meter.flush(step, name, checkpoints_dir)  # raises NonFiniteLossError
-            logs["images_per_s"] = images_per_step * logs.pop("steps") / logs.pop("seconds")
+            logs["images_per_s"] = images_per_step * logs.pop("steps") / logs.pop("seconds")  # all processes
+            logs["images_per_s_per_process"] = logs["images_per_s"] / accelerator.num_processes
             logs["lr"] = phases[0][3].get_last_lr()[0]
             logs.update(_skip_counts(accelerator, nonfinite, grad_scaler_skips))
             progress.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k.endswith("loss")}
@@ -172,6 +195,8 @@ def train_stage(accelerator: Accelerator, stage: Stage, run: RunConfig,
                             {"step": step, **stopper.state(), "nonfinite_skips": nonfinite.skipped,
                              "grad_scaler_skips": grad_scaler_skips},
                             write_checkpoint_extras, cfg.checkpoints_total_limit)
+            if on_checkpoint is not None and accelerator.is_main_process:
+                on_checkpoint(_eval_model(accelerator, model, ema), step)
     progress.close()
     train_seconds = time.perf_counter() - started
 
@@ -182,6 +207,7 @@ def train_stage(accelerator: Accelerator, stage: Stage, run: RunConfig,
         metrics = stage.evaluate(final, val_loader, accelerator)
         metrics.update(stage.finalize(final, _ordered_loader(stage.data.train, cfg, accelerator), accelerator))
     metrics["train_seconds"] = train_seconds
+    metrics.update(effective_batch_size=images_per_step, num_processes=accelerator.num_processes)
     metrics.update(_skip_counts(accelerator, nonfinite, grad_scaler_skips))
     accelerator.log({f"{name}/val/{k}": v for k, v in metrics.items()}, step=step)
     if accelerator.is_main_process:
@@ -190,6 +216,18 @@ def train_stage(accelerator: Accelerator, stage: Stage, run: RunConfig,
         (stage_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     accelerator.wait_for_everyone()
     return final, metrics
+
+
+def _truncate_history(path: Path, step: int) -> None:
+    """Keep the rows up to `step`: later ones were logged by a run that a resume (or a restart from
+    scratch, step 0) replaces, and the resumed run logs those steps again."""
+    if path.is_file():
+        rows = path.read_text().splitlines(keepends=True)
+        kept = [row for row in rows if json.loads(row)["step"] <= step]
+        if len(kept) < len(rows):
+            partial = path.with_name(path.name + ".tmp")
+            partial.write_text("".join(kept))
+            partial.replace(path)  # a kill leaves the old history or the new one, never half of it
 
 
 @contextmanager

@@ -9,7 +9,7 @@ from accelerate.state import AcceleratorState
 from diffusers import AutoencoderKL, DDPMPipeline, DDPMScheduler, UNet2DModel
 
 from stagediff.pipelines.config import parse_run_config
-from stagediff.pipelines.diffusion import LatentDiffusionPipeline
+from stagediff.pipelines.diffusion import LatentDiffusionPipeline, make_sampler
 from stagediff.pipelines.run import run
 
 from conftest import tiny_vae_config
@@ -42,7 +42,7 @@ def test_staged_run_exports_a_latent_diffusion_pipeline(staged_run):
     # Each component loads with stock diffusers classes, and the latent scale travels with the VAE.
     vae = AutoencoderKL.from_pretrained(f"{folder}/vae")
     unet = UNet2DModel.from_pretrained(f"{folder}/unet")
-    DDPMScheduler.from_pretrained(f"{folder}/scheduler")
+    assert not DDPMScheduler.from_pretrained(f"{folder}/scheduler").config.clip_sample  # latents are unbounded
     assert vae.config.scaling_factor == pytest.approx(results["vae"]["scaling_factor"])
     assert (unet.config.in_channels, unet.config.sample_size) == (2, 8)  # 16x16x1 -> 8x8x2 latents
 
@@ -99,3 +99,12 @@ def test_pixel_ddpm_exports_a_stock_ddpm_pipeline(tmp_path):
     pipe = DDPMPipeline.from_pretrained(f"{config.output_dir}/ddpm")
     images = pipe(batch_size=2, num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np").images
     assert images.shape == (2, 8, 8, 1)
+    # Pixels lie in [-1, 1]: every sampler clips its x_0 estimate there (the stock pipeline too);
+    # latents are not clipped.
+    assert pipe.scheduler.config.clip_sample
+    for sampler in ("ddpm", "ddim", "dpmsolver"):
+        scheduler = make_sampler(sampler, pipe.scheduler.config)
+        assert scheduler.config.get("clip_sample") or scheduler.config.get("thresholding"), sampler
+    dpm = make_sampler("dpmsolver", pipe.scheduler.config)
+    x0 = torch.full((1, 1, 8, 8), 7.0)
+    assert dpm._threshold_sample(x0).max() == 1.0  # the clamp, not a rescaling

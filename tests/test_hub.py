@@ -12,6 +12,7 @@ from pathlib import Path
 
 import huggingface_hub
 import pytest
+import safetensors.torch
 import torch
 import yaml
 from accelerate.state import AcceleratorState
@@ -86,7 +87,7 @@ class RecordingHub:
     """An HfApi-like client that records its calls and the files it is handed."""
 
     def __init__(self):
-        self.calls, self.files = [], {}
+        self.calls, self.files, self.uploads = [], {}, []
 
     def create_repo(self, **kwargs):
         self.calls.append(("create_repo", kwargs))
@@ -98,6 +99,7 @@ class RecordingHub:
         self.calls.append(("upload_folder", kwargs))
         folder = Path(kwargs["folder_path"])
         self.files = {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+        self.uploads.append((kwargs["commit_message"], self.files))
         return "recorded-commit"
 
 
@@ -275,6 +277,25 @@ def test_push_to_hub_in_a_training_config(staged_run, tmp_path):
     with pytest.raises(ConfigError, match=r"hub_model_id: 'a/b/c' is not a valid hub repository id"):
         parse_run_config({**raw, "hub_model_id": "a/b/c"})
     assert parse_run_config({**raw, "hub_model_id": "me/model", "hub_private": True}).hub_private
+
+
+def test_push_every_checkpoint_commits_the_weights_of_each_checkpoint(tmp_path):
+    raw = tiny_vae_config(tmp_path / "run", max_steps=2, checkpointing_steps=1)
+    raw.update(push_to_hub=True, push_every_checkpoint=True, hub_model_id=REPO_ID)
+    hub = RecordingHub()
+    run(parse_run_config(raw), hub_api=hub)
+    assert [message for message, _ in hub.uploads] == [
+        "vae: checkpoint at step 1 (stagediff)", "vae: checkpoint at step 2 (stagediff)", "Upload stage vae (stagediff)"]
+    weights = "vae/diffusion_pytorch_model.safetensors"
+    for _, files in hub.uploads[:2]:  # a loadable model with its card, config and weights
+        assert {"README.md", "config.yaml", "vae/config.json", weights} <= set(files)
+        assert "library_name: diffusers" in files["README.md"].decode()
+    step_1, step_2, final = (safetensors.torch.load(files[weights]) for _, files in hub.uploads)
+    assert all(torch.equal(step_2[key], final[key]) for key in final)  # step 2 is the end of training
+    assert not all(torch.equal(step_1[key], final[key]) for key in final)  # step 1 is not
+    with pytest.raises(ConfigError, match=r"push_every_checkpoint: True is not valid; expected false unless "
+                                          r"push_to_hub is true"):
+        parse_run_config({**tiny_vae_config(tmp_path), "push_every_checkpoint": True})
 
 
 def test_the_token_is_never_written_or_printed(staged_run, tmp_path, capsys):

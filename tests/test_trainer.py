@@ -11,6 +11,9 @@ from stagediff.pipelines.checkpoint import list_checkpoints, resolve_checkpoint,
 from stagediff.pipelines.run import make_accelerator, run
 from stagediff.pipelines.trainer import NonFiniteLossError
 
+from conftest import tiny_vae_config
+from reliability.helpers import train, with_latent_ddpm
+
 
 def final_weights(config):
     return load_file(f"{config.output_dir}/vae/vae/diffusion_pytorch_model.safetensors")
@@ -120,3 +123,16 @@ def test_early_stopping_counts_validations_without_improvement():
     assert not stopper.update({"loss": 2.5}, 3, model)
     assert stopper.update({"loss": 2.0}, 4, model)  # ties do not count as improvement
     assert (stopper.best, stopper.best_step) == (2.0, 2)
+
+
+def test_a_later_stage_resumes_in_a_new_process_that_skips_the_stages_before(tmp_path):
+    """The run that trained the VAE wrote the latent DDPM's checkpoints; a new process skips the
+    VAE, and the checkpoints still fit the one model it prepares."""
+    raw = with_latent_ddpm(tiny_vae_config(tmp_path / "run", max_steps=2), max_steps=2, checkpointing_steps=2)
+    train(raw)
+    checkpoint = tmp_path / "run" / "ldm" / "checkpoints" / "checkpoint-2"
+    assert (checkpoint / "model.safetensors").is_file() and not (checkpoint / "model_1.safetensors").exists()
+    raw["stages"][1]["training"].update(max_steps=4, resume_from_checkpoint="latest")  # more steps: same run
+    train(raw)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "ldm" / "history.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]

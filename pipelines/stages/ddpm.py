@@ -69,9 +69,11 @@ class DiffusionConfig:
             up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(self.attention)),
         )
 
-    def make_train_scheduler(self) -> DDPMScheduler:
+    def make_train_scheduler(self, clip_sample: bool = False) -> DDPMScheduler:
+        """`clip_sample`: samplers clip their estimate of x_0 to [-1, 1], for data known to lie there
+        (pixels; diffusers' DDPMPipeline default), never for latents or vectors."""
         return DDPMScheduler(num_train_timesteps=self.num_train_timesteps, prediction_type=self.prediction_type,
-                             beta_schedule=BETA_SCHEDULES[self.beta_schedule], clip_sample=False)
+                             beta_schedule=BETA_SCHEDULES[self.beta_schedule], clip_sample=clip_sample)
 
 
 @dataclass
@@ -100,19 +102,15 @@ class DDPMStage(DataSpaceStage):
         else:
             channels, size, _ = self.data.sample_shape
             network = cfg.make_unet(size, channels, channels)
-        return EpsilonPredictionLoss(network, cfg.make_train_scheduler())
+        return EpsilonPredictionLoss(network, cfg.make_train_scheduler(clip_sample=self.data.kind == "image"))
 
     @torch.no_grad()
     def validate(self, model: EpsilonPredictionLoss, loader, accelerator: Accelerator) -> dict[str, float]:
         """The eps-prediction loss on the validation split (latents: their posterior means)."""
-        total, count = torch.zeros((), device=accelerator.device, dtype=torch.float64), 0
-        for batch in loader:
-            x = batch["x"][:, : self.data.sample_shape[0]] if self.data.kind == "latent" else batch["x"]
-            loss = model(x)["loss"]
-            total += loss.double() * x.shape[0]
-            count += x.shape[0]
-        return {"val_loss": (accelerator.reduce(total, "sum") / accelerator.reduce(
-            torch.tensor(count, device=accelerator.device), "sum")).item()}
+        losses = [accelerator.gather_for_metrics(model.per_example_loss(
+            batch["x"][:, : self.data.sample_shape[0]] if self.data.kind == "latent" else batch["x"]))
+            for batch in loader]
+        return {"val_loss": torch.cat(losses).double().mean().item()}
 
     def generate(self, model: EpsilonPredictionLoss, num_samples: int) -> torch.Tensor:
         """Samples with the configured sampler, in data space (latents decoded)."""

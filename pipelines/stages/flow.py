@@ -86,14 +86,9 @@ class FlowStage(DataSpaceStage):
     @torch.no_grad()
     def validate(self, model: FlowNLLLoss, loader, accelerator: Accelerator) -> dict[str, float]:
         """Exact validation NLL (nats per example; bits/dim on pixels)."""
-        total, count = torch.zeros((), device=accelerator.device, dtype=torch.float64), 0
-        for batch in loader:
-            x = batch["x"][:, : self.data.sample_shape[0]] if self.data.kind == "latent" else batch["x"]
-            nll = model.flow.nll(self.training_input(x)).double()
-            total += nll.sum()
-            count += nll.numel()
-        nll = (accelerator.reduce(total, "sum") / accelerator.reduce(
-            torch.tensor(count, device=accelerator.device), "sum")).item()
+        nll = torch.cat([accelerator.gather_for_metrics(model.flow.nll(self.training_input(
+            batch["x"][:, : self.data.sample_shape[0]] if self.data.kind == "latent" else batch["x"])))
+            for batch in loader]).double().mean().item()
         metrics = {"val_nll_nats": nll}
         if self.data.kind == "image":
             metrics["val_bits_per_dim"] = bits_per_dim(nll, model.flow.num_dims)

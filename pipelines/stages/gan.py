@@ -79,16 +79,14 @@ class GANStage(DataSpaceStage):
     @torch.no_grad()
     def validate(self, model: GANTrainingModule, loader, accelerator: Accelerator) -> dict[str, float]:
         """The discriminator's mean verdict d(x) on held-out data and d(f(z)) on as many fakes."""
-        sums = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
-        count = 0
+        verdicts = []  # (B, 2): d(x), d(f(z)) per example
         for batch in loader:
             x = batch["x"][:, : self.data.sample_shape[0]] if self.data.kind == "latent" else batch["x"]
             fake = model.generator.sample(x.shape[0])
-            sums += torch.stack([torch.sigmoid(model.discriminator(x)).sum(),
-                                 torch.sigmoid(model.discriminator(fake)).sum()]).double()
-            count += x.shape[0]
-        total = accelerator.reduce(sums, "sum") / accelerator.reduce(torch.tensor(count, device=sums.device), "sum")
-        return {"val_d_real": total[0].item(), "val_d_fake": total[1].item()}
+            verdicts.append(accelerator.gather_for_metrics(torch.sigmoid(torch.cat(
+                [model.discriminator(x).reshape(-1, 1), model.discriminator(fake).reshape(-1, 1)], 1))))
+        d_real, d_fake = torch.cat(verdicts).double().mean(0).tolist()
+        return {"val_d_real": d_real, "val_d_fake": d_fake}
 
     def generate(self, model: GANTrainingModule, num_samples: int) -> torch.Tensor:
         return self.to_data_space(model.generator.sample(num_samples))

@@ -115,13 +115,9 @@ class SRStage(DataSpaceStage):
     @torch.no_grad()
     def validate(self, model, loader, accelerator: Accelerator) -> dict[str, float]:
         """The training loss (eps-prediction or L2) on the validation split, without augmentation."""
-        total, count = torch.zeros((), device=accelerator.device, dtype=torch.float64), 0
-        for batch in loader:
-            loss = model(self.pair(batch["x"], train=False))["loss"]
-            total += loss.double() * len(batch["x"])
-            count += len(batch["x"])
-        return {"val_loss": (accelerator.reduce(total, "sum") / accelerator.reduce(
-            torch.tensor(count, device=accelerator.device), "sum")).item()}
+        losses = [accelerator.gather_for_metrics(model.per_example_loss(self.pair(batch["x"], train=False)))
+                  for batch in loader]
+        return {"val_loss": torch.cat(losses).double().mean().item()}
 
     def held_out_pairs(self, num_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The first `num_samples` held-out images X and their low-resolution inputs Y."""

@@ -117,8 +117,9 @@ class VAEStage(Stage):
         for batch in loader:
             with accelerator.autocast():
                 z = model.autoencoder.encode(batch["x"]).latent_dist.mean.double()
+            z = accelerator.gather_for_metrics(z)  # each training example once, padding dropped
             moments += torch.stack([z.sum(), z.pow(2).sum(), torch.tensor(z.numel(), device=z.device)])
-        total, total_sq, n = accelerator.reduce(moments, reduction="sum").tolist()
+        total, total_sq, n = moments.tolist()
         std = (total_sq / n - (total / n) ** 2) ** 0.5
         model.autoencoder.register_to_config(scaling_factor=1.0 / std)
         return {"latent_std": std, "scaling_factor": 1.0 / std}
