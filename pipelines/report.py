@@ -245,7 +245,8 @@ def family_table(stages: list[StageResult]) -> tuple[list[str], list[list[str]]]
         s = best[kind]
         if kind == "vae":
             return "+ one decoder pass per sample"
-        return f"{'−' if kind == 'ddpm' else '+'} {s.evaluations_per_sample()} passes, {fmt(s.metric('sampling_seconds_per_sample'))} s/sample"
+        return (f"{'−' if kind == 'ddpm' else '+'} network passes: {s.evaluations_per_sample()}; "
+                f"{fmt(s.metric('sampling_seconds_per_sample'))} s/sample")
 
     def quality(kind: str) -> str:
         if kind == "vae":

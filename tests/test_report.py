@@ -91,7 +91,7 @@ def test_the_courses_table_of_advantages_and_drawbacks_is_measured(compared):
     flow, vae, ddpm, gan = lines["ln p(x) of a datum"]
     assert flow.startswith("+ exact") and vae.startswith("−") and gan == "− none"
     assert all(re.search(r"FD [\d.]+", cell) for cell in lines["samples (FD, classes covered)"])
-    assert lines["efficient sampling"][2].startswith("− 5 (dpmsolver)")  # the DDPM's many passes
+    assert lines["efficient sampling"][2].startswith("− network passes: 5 (dpmsolver) + decoder")
 
 
 def test_every_stage_has_curves_samples_and_metrics(compared):
