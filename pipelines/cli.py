@@ -1,6 +1,6 @@
-"""`stagediff` command line: train, sample, evaluate, super-resolve, push, study, report, compare. `scripts/*.py`
-call the same functions, so `accelerate launch scripts/train.py ...` and `stagediff train ...` run
-the same job."""
+"""`stagediff` command line: train, sample, evaluate, super-resolve, push, study, report, compare,
+benchmark. `scripts/*.py` call the same functions, so `accelerate launch scripts/train.py ...` and
+`stagediff train ...` run the same job."""
 
 from __future__ import annotations
 
@@ -15,8 +15,10 @@ import torch
 import yaml
 from accelerate import PartialState
 
+from .benchmark import add_benchmark_arguments, benchmark_command
 from .config import ConfigError, load_config, parse_run_config
 from .data import load_data
+from .diffusion import SAMPLERS
 from .evaluation import generation_metrics
 from .hub import HubError, push
 from .images import save_grid, save_png, to_uint8
@@ -48,7 +50,7 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, default_n: int) -> N
     parser.add_argument("model_dir", type=Path, help="a trained stage folder (or a run folder: its last stage)")
     parser.add_argument("--n", type=int, default=default_n, help=f"number of samples (default {default_n})")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--sampler", choices=["ddpm", "ddim", "dpmsolver"], default=None,
+    parser.add_argument("--sampler", choices=list(SAMPLERS), default=None,
                         help="diffusion sampler (default dpmsolver, i.e. DPM-Solver++); ddpm is the seed's "
                              "ancestral sampler with all T steps")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default 20; ddpm: all T)")
@@ -168,7 +170,7 @@ def add_super_resolve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="a trained sr stage folder or a hub id")
     parser.add_argument("--out", type=Path, required=True, help="output folder (PNGs named INPUT_xSCALE[_K].png)")
     parser.add_argument("--scale", type=int, default=None, help="must match the model's (default: the model's)")
-    parser.add_argument("--sampler", choices=["ddpm", "ddim", "dpmsolver"], default=None,
+    parser.add_argument("--sampler", choices=list(SAMPLERS), default=None,
                         help="diffusion sampler (default dpmsolver, i.e. DPM-Solver++)")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default 20; ddpm: all T)")
     parser.add_argument("--num-samples", type=int, default=1, help="plausible outputs per input (default 1)")
@@ -260,6 +262,8 @@ COMMANDS = {
                "an HTML page with curves, samples and a comparison table of trained runs"),
     "compare": (add_compare_arguments, compare_command,
                 "train a config's stages (e.g. configs/compare_families.yaml), then write their report"),
+    "benchmark": (add_benchmark_arguments, benchmark_command,
+                  "measure training and sampling speed: our loop vs a baseline loop, latent vs pixel, samplers"),
 }
 
 

@@ -102,7 +102,7 @@ class RunConfig:
     output_dir: str = "runs/default"
     seed: int = 0
     # Process-wide Accelerate settings (one Accelerator per job). auto: fp32 on CPU (bf16
-    # autocast measured 5-9x slower than fp32 there), bf16 on GPUs that support it, else fp16.
+    # autocast measured from 5-9x slower to no faster than fp32 there), bf16 on GPUs that support it, else fp16.
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
     device: Literal["auto", "cpu"] = "auto"
     log_with: Literal["auto", "none", "tensorboard"] = "auto"  # auto: tensorboard when installed

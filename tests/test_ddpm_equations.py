@@ -478,8 +478,8 @@ def test_ddim_eta0_all_steps_retraces_the_forward_path_back_to_x(schedule):
 @pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
 @pytest.mark.parametrize("schedule", SCHEDULES)
 def test_dpm_solver_20_steps_recovers_a_point_mass(schedule):
-    """DPM-Solver++ (2M, the product's 'dpmsolver'), 20 steps, from z_T ~ N(0, I): with the exact
-    eps of point-mass data x every sample must land on x."""
+    """DPM-Solver++ (2M, deterministic: the product's 'dpmsolver-ode'), 20 steps, from
+    z_T ~ N(0, I): with the exact eps of point-mass data x every sample must land on x."""
     base = ddpm(schedule)
     dpm = DPMSolverMultistepScheduler.from_config(base.config)
     ac = base.alphas_cumprod.double()

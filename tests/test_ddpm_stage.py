@@ -9,7 +9,7 @@ from accelerate.state import AcceleratorState
 from diffusers import AutoencoderKL, DDPMPipeline, DDPMScheduler, UNet2DModel
 
 from stagediff.pipelines.config import parse_run_config
-from stagediff.pipelines.diffusion import LatentDiffusionPipeline, make_sampler
+from stagediff.pipelines.diffusion import SAMPLERS, LatentDiffusionPipeline, make_sampler
 from stagediff.pipelines.run import run
 
 from conftest import tiny_vae_config
@@ -102,7 +102,7 @@ def test_pixel_ddpm_exports_a_stock_ddpm_pipeline(tmp_path):
     # Pixels lie in [-1, 1]: every sampler clips its x_0 estimate there (the stock pipeline too);
     # latents are not clipped.
     assert pipe.scheduler.config.clip_sample
-    for sampler in ("ddpm", "ddim", "dpmsolver"):
+    for sampler in SAMPLERS:
         scheduler = make_sampler(sampler, pipe.scheduler.config)
         assert scheduler.config.get("clip_sample") or scheduler.config.get("thresholding"), sampler
     dpm = make_sampler("dpmsolver", pipe.scheduler.config)

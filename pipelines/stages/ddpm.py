@@ -44,7 +44,7 @@ class DiffusionConfig:
     # Latent stage: train on posterior means, or on a fresh posterior sample at every step.
     latents: Literal["mean", "sample"] = "mean"
     # Sampling for previews and evaluation.
-    sampler: Literal["ddpm", "ddim", "dpmsolver"] = "dpmsolver"
+    sampler: Literal["ddpm", "ddim", "dpmsolver", "dpmsolver-ode"] = "dpmsolver"
     num_inference_steps: int = 20
     num_eval_samples: int = 1000
 

@@ -1,0 +1,119 @@
+"""`stagediff benchmark` (pipelines/benchmark.py) on tiny settings: it runs end to end and writes
+its report, the compiled path runs, the baseline loop trains, FLOPs match a hand count."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+
+from stagediff.pipelines import benchmark
+from stagediff.pipelines.config import TrainingConfig
+from stagediff.pipelines.data import InMemoryDataset
+from stagediff.pipelines.run import run
+from stagediff.pipelines.config import parse_run_config
+
+TINY = {
+    "seed": 0, "log_with": "none",
+    "data": {"source": "mnist", "resolution": 16, "max_train_samples": 256},
+    "stages": [
+        {"name": "vae", "kind": "vae",
+         "model": {"block_out_channels": [8, 16], "latent_channels": 2, "norm_num_groups": 8},
+         "training": {"max_steps": 2, "batch_size": 16}},
+        {"name": "ldm", "kind": "ddpm", "input": "vae",
+         "model": {"block_out_channels": [8, 16], "attention": [False, True], "norm_num_groups": 8,
+                   "num_train_timesteps": 50, "num_inference_steps": 2, "num_eval_samples": 8},
+         "training": {"max_steps": 2, "batch_size": 16, "ema_decay": 0.9}},
+    ],
+}
+TINY_TIMING = ["--steps", "2", "--warmup", "1", "--repeats", "2", "--rounds", "1", "--batch-size", "16",
+               "--threads", "1"]
+
+
+@pytest.fixture
+def tiny_run(tmp_path):
+    """A tiny demo config, trained (VAE, then a latent DDPM), and its path."""
+    raw = {**TINY, "output_dir": str(tmp_path / "run")}
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    run(parse_run_config(raw))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return path
+
+
+def test_the_benchmark_runs_end_to_end_and_writes_its_report(tiny_run, tmp_path, capsys):
+    out = tmp_path / "report.json"
+    threads = torch.get_num_threads()
+    try:
+        benchmark.main(["--config", str(tiny_run), *TINY_TIMING, "--precision", "fp32", "--n", "4",
+                        "--compile", "eager", "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    report = json.loads(out.read_text())
+    assert set(report) >= {"machine", "settings", "training", "speedup_vs_baseline", "latent_vs_pixel", "flops",
+                           "data_pipeline", "sampling", "targets"}
+    training = report["training"]
+    assert set(training) == {"ours_latent_fp32", "baseline_latent_fp32", "ours_latent_fp32_compiled", "ours_pixel_fp32"}
+    for name, result in training.items():
+        assert result["images_per_s"] > 0 and len(result["window_images_per_s"]) == 2, name
+        assert result["peak_rss_mib"] > 0, name
+    assert training["ours_latent_fp32"]["sample_shape"] == [2, 8, 8]
+    assert training["ours_pixel_fp32"]["sample_shape"] == [1, 16, 16]
+    assert training["ours_latent_fp32_compiled"]["compile"] == "eager"
+    assert training["baseline_latent_fp32"]["parameter_change_l1"] > 0
+    assert len(training["ours_latent_fp32"]["round_images_per_s"]) == 1
+    assert report["flops"]["flop_per_step"] > 0 and 0 < report["flops"]["fraction_of_peak"]
+    assert report["data_pipeline"]["latent"]["loader_images_per_s"] > 0
+    samplers = [(r["sampler"], r["steps"]) for r in report["sampling"]["results"]]
+    assert samplers == [("ddpm", None), ("ddim", 50), ("dpmsolver", 10), ("dpmsolver", 20)]
+    assert all("fd" in r and r["sampling_seconds_per_sample"] > 0 for r in report["sampling"]["results"])
+    assert {t["goal"] for t in report["targets"]} >= {">= 2x", ">= 8x", ">= 0.40", "<= 1.10", ">= 40x"}
+    printed = capsys.readouterr().out
+    assert "| ours / baseline, latent, fp32 |" in printed and "| target | goal | measured | met |" in printed
+
+
+def test_the_baseline_loop_trains():
+    """diffusers' example loop, as the benchmark runs it: the weights move and EMA follows."""
+    torch.manual_seed(0)
+    dataset = InMemoryDataset(torch.randint(0, 256, (32, 1, 8, 8), dtype=torch.uint8),
+                              torch.zeros(32, dtype=torch.long))
+    unet = {"sample_size": 8, "in_channels": 1, "out_channels": 1, "block_out_channels": (8, 16),
+            "norm_num_groups": 8, "layers_per_block": 1, "down_block_types": ("DownBlock2D", "DownBlock2D"),
+            "up_block_types": ("UpBlock2D", "UpBlock2D")}
+    accelerator = Accelerator(cpu=True)
+    out = benchmark.baseline_loop(accelerator, unet, dataset, 8, TrainingConfig(learning_rate=1e-3, ema_decay=0.9),
+                                  num_windows=3, steps=2)
+    assert len(out["windows"]) == 3 and all(w > 0 for w in out["windows"])
+    assert len(out["losses"]) == 6 and all(torch.isfinite(torch.tensor(out["losses"])))
+    assert out["parameter_change_l1"] > 0
+
+
+def test_flop_counts_match_a_hand_count():
+    batch, cin, cout, size, k = 4, 3, 8, 10, 3
+    conv = torch.nn.Conv2d(cin, cout, k, padding=1)
+    x = torch.randn(batch, cin, size, size)
+    flops, _ = benchmark.count_flops(lambda: conv(x))
+    assert flops == 2 * batch * cout * size * size * cin * k * k  # a multiply-add is 2
+    linear = torch.nn.Linear(16, 32)
+    flops, _ = benchmark.count_flops(lambda: linear(torch.randn(5, 16)))
+    assert flops == 2 * 5 * 16 * 32
+    # The CPU attention kernel is counted too: QK^T and AV, 2 * 2 * B * H * L * S * E.
+    q, key, v = (torch.randn(2, 4, 16, 8) for _ in range(3))
+    flops, per_op = benchmark.count_flops(lambda: F.scaled_dot_product_attention(q, key, v))
+    assert flops == 4 * 2 * 4 * 16 * 16 * 8
+    # Backward of a conv: the input and weight gradients, twice the forward.
+    x.requires_grad_(True)
+    flops, _ = benchmark.count_flops(lambda: conv(x).sum().backward())
+    assert flops == 3 * 2 * batch * cout * size * size * cin * k * k
+
+
+def test_the_matmul_peak_is_positive_and_precisions_resolve():
+    peak = benchmark.matmul_peak(torch.device("cpu"), sizes=(128,), repeats=2)
+    assert peak["flop_per_s"] > 0
+    assert benchmark.resolve_precisions("auto", cpu=True) == ["fp32", "bf16"]
+    assert benchmark.resolve_precisions("bf16,fp32", cpu=True) == ["bf16", "fp32"]
+    with pytest.raises(ValueError, match="--precision"):
+        benchmark.resolve_precisions("fp8", cpu=True)
