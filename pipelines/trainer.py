@@ -118,11 +118,11 @@ def train_stage(accelerator: Accelerator, stage: Stage, run: RunConfig, stage_di
 
     preview_batch = torch.stack([stage.data.validation[i]["x"] for i in range(min(16, len(stage.data.validation)))])
     images_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes
-    if accelerator.is_main_process:  # the learning rate is never scaled with the batch: say so
-        accelerator.print(f"[{name}] effective batch {images_per_step} = {cfg.batch_size} per process x "
-                          f"{cfg.gradient_accumulation_steps} accumulation step(s) x {accelerator.num_processes} "
-                          f"process(es) on {accelerator.device.type}; lr {cfg.learning_rate:g} as configured "
-                          f"(not scaled with the {accelerator.num_processes} process(es))")
+    # The learning rate is never scaled with the batch: say so (accelerator.print: main process only).
+    accelerator.print(f"[{name}] effective batch {images_per_step} = {cfg.batch_size} per process x "
+                      f"{cfg.gradient_accumulation_steps} accumulation step(s) x {accelerator.num_processes} "
+                      f"process(es) on {accelerator.device.type}; lr {cfg.learning_rate:g} as configured "
+                      f"(not scaled with the {accelerator.num_processes} process(es))")
     batches = _endless_batches(train_loader, accelerator, first_batch=step * cfg.gradient_accumulation_steps)
     progress = tqdm(total=cfg.max_steps, initial=step, desc=name, disable=not accelerator.is_local_main_process)
     meter = _LossMeter(accelerator)

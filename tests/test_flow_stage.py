@@ -1,6 +1,7 @@
 """The normalizing flow as a stage of the one loop: max likelihood, early stopping, export."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -53,3 +54,15 @@ def test_flow_on_a_toy_density_learns(tmp_path):
     x = torch.stack([item["x"] for item in load_data(config.data).validation]).double()
     gaussian_nll = 0.5 * torch.logdet(2 * torch.pi * torch.e * torch.cov(x.T)).item()
     assert metrics["val_nll_nats"] < gaussian_nll - 0.4
+
+
+def test_latent_flow_on_posterior_samples_validates_on_the_means(tmp_path):
+    """A `latents: sample` cache holds [mean, std]: training draws from it, validation scores the
+    means (it used to feed the means to the posterior sampler and fail on the channel count)."""
+    raw = tiny_vae_config(tmp_path / "run", max_steps=2)
+    raw["stages"].append({"name": "flow", "kind": "flow", "input": "vae",
+                          "model": {"num_scales": 1, "steps_per_scale": 2, "hidden_channels": 8, "num_blocks": 1,
+                                    "num_eval_samples": 16, "latents": "sample"},
+                          "training": {"max_steps": 2, "batch_size": 16, "eval_every": 1}})
+    metrics = run(parse_run_config(raw))["flow"]
+    assert math.isfinite(metrics["val_nll_nats"])

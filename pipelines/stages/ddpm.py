@@ -107,9 +107,8 @@ class DDPMStage(DataSpaceStage):
     @torch.no_grad()
     def validate(self, model: EpsilonPredictionLoss, loader, accelerator: Accelerator) -> dict[str, float]:
         """The eps-prediction loss on the validation split (latents: their posterior means)."""
-        losses = [accelerator.gather_for_metrics(model.per_example_loss(
-            batch["x"][:, : self.data.sample_shape[0]] if self.data.kind == "latent" else batch["x"]))
-            for batch in loader]
+        losses = [accelerator.gather_for_metrics(model.per_example_loss(self.held_out_input(batch["x"])))
+                  for batch in loader]
         return {"val_loss": torch.cat(losses).double().mean().item()}
 
     def generate(self, model: EpsilonPredictionLoss, num_samples: int) -> torch.Tensor:

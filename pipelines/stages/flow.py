@@ -83,12 +83,14 @@ class FlowStage(DataSpaceStage):
             return dequantize(x)  # a density on continuous data bounds the discrete likelihood
         return super().training_input(x)
 
+    def held_out_input(self, x: torch.Tensor) -> torch.Tensor:
+        return dequantize(x) if self.data.kind == "image" else super().held_out_input(x)
+
     @torch.no_grad()
     def validate(self, model: FlowNLLLoss, loader, accelerator: Accelerator) -> dict[str, float]:
         """Exact validation NLL (nats per example; bits/dim on pixels)."""
-        nll = torch.cat([accelerator.gather_for_metrics(model.flow.nll(self.training_input(
-            batch["x"][:, : self.data.sample_shape[0]] if self.data.kind == "latent" else batch["x"])))
-            for batch in loader]).double().mean().item()
+        nll = torch.cat([accelerator.gather_for_metrics(model.flow.nll(self.held_out_input(batch["x"])))
+                         for batch in loader]).double().mean().item()
         metrics = {"val_nll_nats": nll}
         if self.data.kind == "image":
             metrics["val_bits_per_dim"] = bits_per_dim(nll, model.flow.num_dims)

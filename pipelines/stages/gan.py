@@ -81,7 +81,7 @@ class GANStage(DataSpaceStage):
         """The discriminator's mean verdict d(x) on held-out data and d(f(z)) on as many fakes."""
         verdicts = []  # (B, 2): d(x), d(f(z)) per example
         for batch in loader:
-            x = batch["x"][:, : self.data.sample_shape[0]] if self.data.kind == "latent" else batch["x"]
+            x = self.held_out_input(batch["x"])
             fake = model.generator.sample(x.shape[0])
             verdicts.append(accelerator.gather_for_metrics(torch.sigmoid(torch.cat(
                 [model.discriminator(x).reshape(-1, 1), model.discriminator(fake).reshape(-1, 1)], 1))))

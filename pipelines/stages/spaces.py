@@ -46,6 +46,11 @@ class DataSpaceStage(Stage):
             return sample_posterior(x)
         return x
 
+    def held_out_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Validation data as the model sees it: latents are their posterior means (a
+        `latents: sample` cache holds [mean, std] on channels)."""
+        return x[:, : self.data.sample_shape[0]] if self.data.kind == "latent" else x
+
     @abc.abstractmethod
     def generate(self, model: torch.nn.Module, num_samples: int) -> torch.Tensor:
         """`num_samples` samples in data space (see `to_data_space`) from the training module."""
