@@ -20,18 +20,18 @@ The discriminator here returns the logit l(x) with d(x) = sigmoid(l(x)); every l
 logits with softplus(t) = ln(1 + e^t), which never overflows:
     -ln d(x)     = softplus(-l(x)),        -ln(1 - d(x)) = softplus(l(x)).
 
-Driving the two optimizers (what the one training loop does; `train_step` is a reference):
+Driving the two optimizers is the one training loop's work (pipelines/trainer.py, with the stage
+pipelines/stages/gan.py naming the two parameter groups); per training step, in the seed's order:
 
-    for each batch x_real:                              # one loop step = one discriminator step
-        d_optimizer.zero_grad(); module(x_real, phase="discriminator")["loss"].backward(); d_optimizer.step()
-        if module.generator_step_due(step):             # every n_critic-th discriminator step
-            g_optimizer.zero_grad(); module(x_real, phase="generator")["loss"].backward(); g_optimizer.step()
-            ema.update(module.generator)                # EMA of the generator only (modules/ema.EMA)
+    1. module(x_real, phase="discriminator")["loss"], backward, the discriminator's optimizer steps;
+    2. every n_critic-th step: module(x_real, phase="generator")["loss"], backward, the
+       generator's optimizer steps.
 
-  - d_optimizer holds `module.discriminator.parameters()`, g_optimizer `module.generator.parameters()`;
-    never one optimizer over `module.parameters()` (each loss would then also move the other player).
+  - Each player has its own optimizer, over `module.discriminator.parameters()` or
+    `module.generator.parameters()`; never one over `module.parameters()` (each loss would then
+    also move the other player).
   - The generator's loss backpropagates *through* the discriminator, leaving gradients on phi:
-    zero the discriminator's gradients before its next backward (zero_grad, set_to_none).
+    they are zeroed before the discriminator's next backward.
   - The discriminator phase samples fakes under no_grad, so no gradient reaches theta there.
   - Call the module (its `forward`), not `discriminator_terms` directly, when it is wrapped in
     DistributedDataParallel: only `forward` synchronises gradients. The discriminator phase leaves
@@ -48,8 +48,6 @@ import torch.nn.functional as F
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from torch import Tensor, nn
-
-from .ema import EMA
 
 GAN_LOSSES = ("standard", "hinge")
 IMAGE_RESOLUTIONS = (4, 8, 16, 32, 64)
@@ -265,9 +263,8 @@ class GANTrainingModule(nn.Module):
         loss: "standard" (the seed's L' and non-saturating L'') or "hinge".
         r1_gamma: weight gamma of the R1 penalty, added to the discriminator's loss as
             gamma / 2 * E||grad_x l(x)||^2 (Mescheder et al.'s convention); 0 turns it off.
-        n_critic: discriminator steps per generator step: the loop steps the discriminator on
-            every batch and the generator when `generator_step_due(step)`, i.e. after every
-            n_critic-th discriminator step (1: the seed's strict alternation).
+        n_critic: discriminator steps per generator step (1: the seed's strict alternation); the
+            stage's `phase_due` schedules the generator's steps with it.
     """
 
     def __init__(self, generator: Generator, discriminator: Discriminator, loss: str = "standard",
@@ -315,10 +312,6 @@ class GANTrainingModule(nn.Module):
         return {"loss": generator_loss(fake_logits, self.loss_kind),
                 "d_fake": torch.sigmoid(fake_logits.detach()).mean()}
 
-    def generator_step_due(self, discriminator_steps: int) -> bool:
-        """Whether the generator steps after the discriminator's `discriminator_steps`-th step (1-based)."""
-        return discriminator_steps % self.n_critic == 0
-
     def forward(self, x_real: Tensor, phase: str = "discriminator") -> dict[str, Tensor]:
         """`discriminator_terms(x_real)` or `generator_terms(len(x_real))` by `phase`, through
         forward so that a DDP wrapper synchronises the gradients."""
@@ -327,37 +320,3 @@ class GANTrainingModule(nn.Module):
         if phase == "generator":
             return self.generator_terms(x_real.shape[0])
         raise ValueError(f"phase must be 'discriminator' or 'generator', got {phase!r}")
-
-
-def train_step(module: nn.Module, x_real: Tensor, d_optimizer: torch.optim.Optimizer,
-               g_optimizer: torch.optim.Optimizer, step: int, generator_ema: EMA | None = None,
-               backward: Callable[[Tensor], None] = Tensor.backward) -> dict[str, Tensor]:
-    """One step of the seed's alternation, a reference for the training loop: a gradient step on
-    phi with L'(phi) on `x_real`, then, when `generator_step_due(step)`, a gradient step on theta
-    with the generator loss (and an EMA update of the generator).
-
-    Args:
-        module: a `GANTrainingModule`, possibly wrapped (DDP, Accelerate): it is called, and its
-            n_critic read from the unwrapped module.
-        x_real: (B, *sample_shape) real data.
-        d_optimizer, g_optimizer: over the discriminator's and the generator's parameters.
-        step: 1-based count of discriminator steps, this one included.
-        generator_ema: `EMA(module.generator, decay)`, updated after each generator step.
-        backward: e.g. `accelerator.backward`.
-
-    Returns the discriminator's terms, plus g_loss when the generator stepped.
-    """
-    gan = getattr(module, "module", module)
-    d_optimizer.zero_grad(set_to_none=True)  # also drops phi's gradients left by the generator's loss
-    terms = module(x_real, phase="discriminator")
-    backward(terms["loss"])
-    d_optimizer.step()
-    if gan.generator_step_due(step):
-        g_optimizer.zero_grad(set_to_none=True)
-        g_terms = module(x_real, phase="generator")
-        backward(g_terms["loss"])
-        g_optimizer.step()
-        if generator_ema is not None:
-            generator_ema.update(gan.generator)
-        terms["g_loss"] = g_terms["loss"]
-    return terms

@@ -6,27 +6,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
-import torch
-import yaml
 from accelerate import PartialState
 
 from .benchmark import add_benchmark_arguments, benchmark_command
-from .config import ConfigError, load_config, parse_run_config
-from .data import load_data
+from .config import ConfigError
 from .diffusion import SAMPLERS
-from .evaluation import generation_metrics
 from .hub import HubError, push
-from .images import save_grid, save_png, to_uint8
-from .registry import get_stage_kind
-from .report import finished_stages, write_report
-from .run import DONE_FILE, run, verify_exported_weights
+from .images import save_grid, save_png, scatter_image, to_uint8
+from .registry import load_config
+from .report import write_report
+from .run import run
+from .sampling import evaluate_generation, generate, resolve_stage_dir
+from .stages.base import Stage
 from .study import format_study, parse_variant, seed_study
-from .super_resolve import evaluate_super_resolution, super_resolve_files
+from .super_resolve import evaluate_super_resolution, find_regression_baseline, super_resolve_files
 from .trainer import NonFiniteLossError
 
 
@@ -77,31 +73,12 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
                         help="--task sr: samples per input, for the diversity and the figures (default 3)")
 
 
-def resolve_stage_dir(path: Path) -> tuple[Path, str]:
-    """(stage folder, stage kind) for a stage folder or a run folder (its last finished stage)."""
-    stage_dir = finished_stages(path)[-1]
-    verify_exported_weights(stage_dir)
-    # Only the kind is needed to sample: read it without validating the whole (maybe older) config.
-    stages = yaml.safe_load((stage_dir / "config.yaml").read_text())["stages"]
-    return stage_dir, next(s["kind"] for s in stages if s["name"] == stage_dir.name)
-
-
-def generate(args: argparse.Namespace, stage_dir: Path, kind: str, seed: int) -> torch.Tensor:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    generator = torch.Generator(device).manual_seed(seed)
-    stage_kind = get_stage_kind(kind)
-    return torch.cat([stage_kind.sample(stage_dir, min(args.batch_size, args.n - start), generator, device,
-                                        sampler=args.sampler, steps=args.steps).cpu()
-                      for start in range(0, args.n, args.batch_size)])
-
-
 def sample_command(args: argparse.Namespace) -> None:
-    stage_dir, kind = resolve_stage_dir(args.model_dir)
+    stage_dir, _ = resolve_stage_dir(args.model_dir)
     out = args.out or stage_dir / "generated"
-    samples = generate(args, stage_dir, kind, args.seed)
+    samples = generate(stage_dir, args.n, args.seed, sampler=args.sampler, steps=args.steps,
+                       batch_size=args.batch_size, device=args.device)
     if samples.dim() == 2:  # vectors: a scatter picture and the numbers
-        from .stages.spaces import scatter_image
-
         save_grid(scatter_image(samples), out / "grid.png")
         out.joinpath("samples.csv").write_text("\n".join(",".join(f"{v:.6g}" for v in row) for row in samples.tolist()))
         print(f"wrote {len(samples)} samples to {out / 'samples.csv'} and a scatter plot to {out / 'grid.png'}")
@@ -114,23 +91,13 @@ def sample_command(args: argparse.Namespace) -> None:
 
 def evaluate_command(args: argparse.Namespace) -> None:
     """Sample, then score against the stage's own data (the metrics of pipelines/evaluation.py)."""
-    stage_dir, kind = resolve_stage_dir(args.model_dir)
-    if (args.task or ("sr" if kind == "sr" else "generation")) == "sr":
-        evaluate_sr_command(args, stage_dir, kind)
+    stage_dir, stage_kind = resolve_stage_dir(args.model_dir)
+    if (args.task or stage_kind.evaluation_task) == "sr":
+        evaluate_sr_command(args, stage_dir, stage_kind)
         return
-    config = parse_run_config(yaml.safe_load((stage_dir / "config.yaml").read_text()))
-    data = load_data(config.data)
-    vae_dir = stage_dir / "vae" if (stage_dir / "model_index.json").is_file() and (stage_dir / "vae").is_dir() else None
-    runs = []
-    for seed in range(args.seed, args.seed + args.seeds):
-        started = time.perf_counter()
-        samples = generate(args, stage_dir, kind, seed)
-        seconds = (time.perf_counter() - started) / len(samples)
-        runs.append({"seed": seed, "sampling_seconds_per_sample": seconds,
-                     **generation_metrics(samples, data, args.device or samples.device, vae_dir)})
-    mean = {key: statistics.fmean(r[key] for r in runs) for key in runs[0] if key != "seed"}
-    report = {"model_dir": str(stage_dir), "sampler": args.sampler or "dpmsolver", "steps": args.steps,
-              "num_samples": args.n, "mean": mean, "per_seed": runs}
+    report = evaluate_generation(stage_dir, args.n, list(range(args.seed, args.seed + args.seeds)),
+                                 sampler=args.sampler, steps=args.steps, batch_size=args.batch_size,
+                                 device=args.device)
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:
@@ -138,9 +105,9 @@ def evaluate_command(args: argparse.Namespace) -> None:
         args.out.write_text(text)
 
 
-def evaluate_sr_command(args: argparse.Namespace, stage_dir: Path, kind: str) -> None:
-    if kind != "sr":
-        raise ValueError(f"--task sr: {stage_dir} is a {kind} stage, not a super-resolution (sr) stage")
+def evaluate_sr_command(args: argparse.Namespace, stage_dir: Path, stage_kind: type[Stage]) -> None:
+    if stage_kind.evaluation_task != "sr":
+        raise ValueError(f"--task sr: {stage_dir} is a {stage_kind.kind} stage, not a super-resolution (sr) stage")
     regression = args.regression or find_regression_baseline(stage_dir)
     out = args.out or stage_dir / "evaluation"
     results = evaluate_super_resolution(stage_dir, regression, args.n, args.num_samples, args.sampler, args.steps,
@@ -150,19 +117,6 @@ def evaluate_sr_command(args: argparse.Namespace, stage_dir: Path, kind: str) ->
     for method, metrics in results.items():
         print(f"| {method} | " + " | ".join(f"{metrics[k]:.4g}" if k in metrics else "" for k in keys) + " |")
     print(f"metrics and figures (input, bicubic, regression, samples, ground truth) in {out}")
-
-
-def find_regression_baseline(stage_dir: Path) -> Path | None:
-    """A finished `objective: regression` sr stage of the same run, at the same scale."""
-    stages = yaml.safe_load((stage_dir / "config.yaml").read_text())["stages"]
-    scale = next(s for s in stages if s["name"] == stage_dir.name)["model"].get("scale")
-    for stage in stages:
-        model = stage.get("model", {})
-        folder = stage_dir.parent / stage["name"]
-        if (stage["kind"] == "sr" and model.get("objective") == "regression" and model.get("scale") == scale
-                and (folder / DONE_FILE).is_file()):
-            return folder
-    return None
 
 
 def add_super_resolve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -246,8 +200,8 @@ def compare_command(args: argparse.Namespace) -> None:
     config = load_config(args.config, args.overrides)
     run(config, force_stages=tuple(args.force_stage), overwrite=args.overwrite)
     if PartialState().is_main_process:
-        report_command(argparse.Namespace(run_dirs=[Path(config.output_dir)],
-                                          out=args.out or Path(config.output_dir) / "report"))
+        page = write_report([Path(config.output_dir)], args.out or Path(config.output_dir) / "report")
+        print(f"wrote {page} (open it in a browser)")
 
 
 COMMANDS = {

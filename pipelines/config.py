@@ -1,9 +1,11 @@
 """One typed schema for every run: YAML block = dataclass = saved config.yaml, key for key.
 
-A run config names the data and an ordered list of stages; each stage names its kind (looked
-up in the registry, which also supplies the kind's `model:` dataclass) and its `training:`
-block. Parsing fails before any work on an unknown key, a wrong type or an impossible value,
-with a message that names the key and what would be valid.
+A run config names the data and an ordered list of stages; each stage names its kind and its
+`training:` block, and the kind supplies its `model:` dataclass. This module knows no kind: its
+parsers take the kinds as a mapping, and `registry.load_config`/`registry.parse_run_config` bind
+the registered ones, so that the schema imports nothing above the data layer. Parsing fails
+before any work on an unknown key, a wrong type or an impossible value, with a message that
+names the key and what would be valid.
 """
 
 from __future__ import annotations
@@ -15,14 +17,17 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Mapping, Optional
 
 import yaml
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from .data import DataConfig
-from .hub import DEFAULT_LICENSE, check_repo_id
 
 STAGE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+DEFAULT_LICENSE = "mit"  # the model card's license when the config names none
+# {kind name: stage class}; each class carries its `model_config` dataclass (see registry.py).
+StageKinds = Mapping[str, Any]
 
 
 class ConfigError(ValueError):
@@ -131,6 +136,18 @@ class RunConfig:
         raise ConfigError(f"stages: no stage named {name!r}; stages are {[s.name for s in self.stages]}")
 
 
+def check_repo_id(repo_id: str, key: str) -> None:
+    """Raise a ValueError naming `key` unless `repo_id` is a valid USER/NAME hub repository id."""
+    try:
+        validate_repo_id(repo_id)
+        valid = repo_id.count("/") == 1
+    except HFValidationError:
+        valid = False
+    if not valid:
+        raise ValueError(f"{key}: {repo_id!r} is not a valid hub repository id; expected USER/NAME "
+                         "(letters, digits, '-', '_', '.'; at most 96 characters)")
+
+
 def _require(ok: bool, key: str, value: Any, valid: str) -> None:
     if not ok:
         raise ValueError(f"{key}: {value!r} is not valid; expected {valid}")
@@ -139,8 +156,9 @@ def _require(ok: bool, key: str, value: Any, valid: str) -> None:
 # --------------------------------------------------------------------------- parsing
 
 
-def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
-    """Read a YAML run config, apply `key.sub=value` overrides, validate it against the schema."""
+def load_config(path: str | Path, overrides: list[str], kinds: StageKinds) -> RunConfig:
+    """Read a YAML run config, apply `key.sub=value` overrides, validate it against the schema
+    with the stage kinds `kinds`."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
@@ -154,18 +172,19 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     for override in overrides:
         apply_override(raw, override)
     try:
-        return parse_run_config(raw)
+        return parse_run_config(raw, kinds)
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
 
 
-def parse_run_config(raw: dict) -> RunConfig:
+def parse_run_config(raw: dict, kinds: StageKinds) -> RunConfig:
+    """Validate a raw run config (a mapping, as read from YAML) with the stage kinds `kinds`."""
     raw = dict(raw)
     stages = raw.pop("stages", [])
     if not isinstance(stages, list) or not stages:
         raise ConfigError("stages: expected a non-empty list of stages, each with `name` and `kind`")
     config = _build(RunConfig, raw, "")
-    config.stages = [_parse_stage(stage, f"stages[{i}]") for i, stage in enumerate(stages)]
+    config.stages = [_parse_stage(stage, f"stages[{i}]", kinds) for i, stage in enumerate(stages)]
     names = [s.name for s in config.stages]
     duplicated = sorted({n for n in names if names.count(n) > 1})
     if duplicated:
@@ -177,9 +196,7 @@ def parse_run_config(raw: dict) -> RunConfig:
     return config
 
 
-def _parse_stage(raw: Any, where: str) -> StageConfig:
-    from .registry import get_stage_kind  # the registry imports stage modules, which import this one
-
+def _parse_stage(raw: Any, where: str, kinds: StageKinds) -> StageConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping with `name` and `kind`, got {raw!r}")
     raw = dict(raw)
@@ -191,13 +208,21 @@ def _parse_stage(raw: Any, where: str) -> StageConfig:
                           "digits, '_', '-' and '.', not starting with '.' or '-'")
     where = f"stages.{raw['name']}"
     try:
-        kind = get_stage_kind(raw["kind"])
+        kind = lookup_kind(kinds, raw["kind"])
     except KeyError as err:
         raise ConfigError(f"{where}.kind: {err.args[0]}") from None
     model = _build(kind.model_config, raw.pop("model", None) or {}, f"{where}.model")
     stage = _build(StageConfig, raw, where)
     stage.model = model
     return stage
+
+
+def lookup_kind(kinds: StageKinds, kind: str):
+    """The stage class of `kind`; a KeyError that lists the known kinds."""
+    try:
+        return kinds[kind]
+    except KeyError:
+        raise KeyError(f"unknown stage kind {kind!r}; known kinds: {', '.join(kinds)}") from None
 
 
 def _build(cls: type, raw: Any, where: str):

@@ -24,6 +24,17 @@ SAMPLERS = {
 }
 
 
+DEFAULT_SAMPLER = "dpmsolver"
+DEFAULT_STEPS = 20
+
+
+def sampler_and_steps(sampler: str | None, steps: int | None) -> tuple[str, int | None]:
+    """The sampler defaults, for every command and stage: DPM-Solver++ in 20 steps; the seed's
+    ancestral `ddpm` sampler runs all T training steps (None) unless `steps` says otherwise."""
+    sampler = sampler or DEFAULT_SAMPLER
+    return sampler, steps if steps is not None or sampler == "ddpm" else DEFAULT_STEPS
+
+
 def make_sampler(name: str, train_scheduler_config) -> DDPMScheduler:
     """A sampling scheduler with the training schedule's betas and its x_0 clipping: DDPM and DDIM
     read `clip_sample`; DPM-Solver++ has none, but its thresholding with `sample_max_value` 1 (the

@@ -36,7 +36,7 @@ from stagediff.modules.sr import downsample
 from stagediff.modules.toy2d import IsotropicGaussianMixture, make_toy
 
 from .data import DataConfig, DataSplits, load_data
-from .stages.vae import decode_prior, load_vae
+from .latents import decode_prior, load_vae
 
 CLASSIFIER_INFO = "classifier_info.json"  # written last, so its presence marks a complete folder
 CACHE_FOLDER_PREFIX = "feature-classifier-"

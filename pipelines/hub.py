@@ -18,61 +18,30 @@ import tempfile
 from pathlib import Path
 
 import httpx2
-import yaml
 from huggingface_hub import HfApi, ModelCard, ModelCardData, get_session, get_token
-from huggingface_hub.utils import HFValidationError, validate_repo_id
-from safetensors import safe_open
 
-from ..modules.ddpm import MLPDenoiser
-from ..modules.flows import NormalizingFlow
-from ..modules.gan import Discriminator, Generator
 from .checkpoint import list_checkpoints
-from .diffusion import LatentDiffusionPipeline, SuperResolutionPipeline
-from .stages.spaces import SPACE_FILE, read_space
+from .config import DEFAULT_LICENSE, check_repo_id
+from .registry import STAGE_KINDS, get_stage_kind
+from .stage_folder import (CHECKPOINTS_DIR, COMPONENT_CONFIGS, CONFIG_FILE, EVALUATION_FILE, METRICS_FILE,
+                           component_classes, component_parameters, read_run_config, read_space, stage_block)
 
 CARD_FILE = "README.md"
-EVALUATION_FILE = "evaluation.json"  # `stagediff evaluate --out`; its mean metrics go in the card
-DEFAULT_LICENSE = "mit"
 STAGE_FILE_SUFFIXES = (".json", ".yaml", ".png")  # the stage's own files: metrics, config.yaml, samples.png
 COMPONENT_FILE_SUFFIXES = (".json", ".safetensors")  # inside a component folder (vae/, unet/, ...)
-COMPONENT_CONFIGS = ("config.json", "scheduler_config.json")
 REACH_TIMEOUT_S = 5.0  # an unreachable hub otherwise fails only after ~30 s, inside the upload
 # Network and hub failures: huggingface_hub's errors (HTTP, offline mode, no token) are OSErrors;
 # a connection that fails before any response raises its HTTP library's error.
 HUB_ERRORS = (OSError, httpx2.HTTPError)
 
-# A family's description in the card and its hub tag. A kind missing here is described by name.
-FAMILIES = {
-    "vae": ("a variational autoencoder (`AutoencoderKL`) trained on the ELBO; it samples by decoding "
-            "z ~ N(0, I)", "vae"),
-    "ddpm": ("a DDPM noise predictor trained on the ε-prediction loss", "ddpm"),
-    "flow": ("a normalizing flow (RealNVP/Glow couplings) trained by exact maximum likelihood", "normalizing-flow"),
-    "gan": ("a GAN (generator and discriminator) trained on the non-saturating loss", "gan"),
-    "sr": ("a super-resolution model: a UNet conditioned on the low-resolution image, trained on the "
-           "conditional ε-prediction loss (or, with `objective: regression`, the L2 regressor)", "super-resolution"),
-}
 SPACES = {"image": "on pixels", "vector": "on 2D vectors", "latent": "in the latent space of stage `{input}`"}
 # stagediff's own classes, found by the `_class_name` of a saved config; any other is diffusers'.
 # (diffusers has a text-conditional `LatentDiffusionPipeline` of its own: ours must win.)
-STAGEDIFF_CLASSES = {cls.__name__: cls.__module__
-                     for cls in (LatentDiffusionPipeline, SuperResolutionPipeline, MLPDenoiser, NormalizingFlow,
-                                 Generator, Discriminator)}
+STAGEDIFF_CLASSES = {cls.__name__: cls.__module__ for kind in STAGE_KINDS.values() for cls in kind.exported_classes}
 
 
 class HubError(RuntimeError):
     """The hub could not be reached or refused the push; the message says why."""
-
-
-def check_repo_id(repo_id: str, key: str) -> None:
-    """Raise a ValueError naming `key` unless `repo_id` is a valid USER/NAME hub repository id."""
-    try:
-        validate_repo_id(repo_id)
-        valid = repo_id.count("/") == 1
-    except HFValidationError:
-        valid = False
-    if not valid:
-        raise ValueError(f"{key}: {repo_id!r} is not a valid hub repository id; expected USER/NAME "
-                         "(letters, digits, '-', '_', '.'; at most 96 characters)")
 
 
 def upload_files(stage_dir: Path, include_checkpoints: bool = False) -> list[Path]:
@@ -82,7 +51,7 @@ def upload_files(stage_dir: Path, include_checkpoints: bool = False) -> list[Pat
         if folder.is_dir() and any((folder / name).is_file() for name in COMPONENT_CONFIGS):
             files += [p for p in folder.iterdir() if p.is_file() and p.suffix in COMPONENT_FILE_SUFFIXES]
     if include_checkpoints:
-        files += [p for checkpoint in list_checkpoints(stage_dir / "checkpoints")
+        files += [p for checkpoint in list_checkpoints(stage_dir / CHECKPOINTS_DIR)
                   for p in checkpoint.rglob("*") if p.is_file()]
     return sorted(p.relative_to(stage_dir) for p in files)
 
@@ -92,8 +61,7 @@ def build_upload_folder(stage_dir: Path, repo_id: str, out_dir: Path, license_id
     """Fill the empty folder `out_dir` with exactly what a push uploads: links to the stage's files,
     `evaluation` (default: the stage's own evaluation.json, when present) and the model card.
     Returns the paths relative to `out_dir`, sorted."""
-    if not (stage_dir / "config.yaml").is_file():
-        raise FileNotFoundError(f"{stage_dir}: no config.yaml; expected a trained stage folder")
+    read_run_config(stage_dir)  # a FileNotFoundError unless it is a stage folder
     for path in upload_files(stage_dir, include_checkpoints):
         (out_dir / path).parent.mkdir(parents=True, exist_ok=True)
         (out_dir / path).symlink_to((stage_dir / path).resolve())
@@ -112,37 +80,33 @@ def build_upload_folder(stage_dir: Path, repo_id: str, out_dir: Path, license_id
 def model_card(folder: Path, stage_name: str, repo_id: str, license_id: str | None = None) -> str:
     """The README.md of an upload folder: hub metadata, then what the model is, samples, usage,
     metrics and training config, all read from the folder's own files."""
-    config = yaml.safe_load((folder / "config.yaml").read_text())
-    names = [s["name"] for s in config["stages"]]
-    if stage_name not in names:
-        raise ValueError(f"{(folder / 'config.yaml').resolve()}: no stage named {stage_name!r} "
-                         f"(the folder's name); stages are {names}")
-    stage = config["stages"][names.index(stage_name)]
-    space = read_space(folder) if (folder / SPACE_FILE).is_file() else "image"
-    what, family_tag = FAMILIES.get(stage["kind"], (f"a `{stage['kind']}` stage", stage["kind"]))
-    task = ("image-to-image" if stage["kind"] == "sr" else "unconditional-image-generation") if space != "vector" else None
+    config = read_run_config(folder)
+    stage = stage_block(folder, config, stage_name)
+    stage_kind = get_stage_kind(stage["kind"])
+    space = read_space(folder)
+    task = stage_kind.hub_pipeline_tag if space != "vector" else None
     data = config["data"]
     metadata = ModelCardData(
         library_name="diffusers",
         license=license_id or config.get("hub_license", DEFAULT_LICENSE),
         pipeline_tag=task,
-        tags=["diffusers", "stagediff", family_tag] + ([task] if task else [])
-             + (["latent-diffusion"] if stage["kind"] == "ddpm" and space == "latent" else []),
+        tags=["diffusers", "stagediff", *stage_kind.hub_tags(space)] + ([task] if task else []),
         datasets=[data["dataset_name"]] if data["source"] == "hub" else None,
     )
     where = SPACES[space].format(input=stage.get("input"))
+    names = [s["name"] for s in config["stages"]]
     sections = [
         f"# {repo_id}",
-        f"Stage `{stage_name}` of a stagediff run: {what}, {where}. Every network is saved with "
+        f"Stage `{stage_name}` of a stagediff run: {stage_kind.description}, {where}. Every network is saved with "
         f"`save_pretrained` (safetensors + config.json).\n\nData: {_describe_data(data)}.",
         "## Pipeline\n\n" + _stages_table(config["stages"][: names.index(stage_name) + 1])
         + f"\n\nThis repository holds stage `{stage_name}`:\n\n" + "\n".join(_components(folder)),
         *[f"## Samples\n\n![{p.name}]({p.name})" for p in sorted(folder.glob("*.png"))],
-        "## Usage\n\n" + _usage(folder, repo_id, stage["kind"], space),
+        "## Usage\n\n" + _usage(folder, repo_id, stage_kind, space),
         _metrics(folder),
         "## Training\n\nThe resolved run config (`config.yaml` in this repository; `stagediff train --config "
         "config.yaml output_dir=...` retrains it):\n\n<details><summary>config.yaml</summary>\n\n"
-        f"```yaml\n{(folder / 'config.yaml').read_text().strip()}\n```\n\n</details>",
+        f"```yaml\n{(folder / CONFIG_FILE).read_text().strip()}\n```\n\n</details>",
     ]
     return str(ModelCard(f"---\n{metadata.to_yaml()}\n---\n\n" + "\n\n".join(s for s in sections if s) + "\n"))
 
@@ -173,60 +137,27 @@ def _stages_table(stages: list[dict]) -> str:
     return "\n".join(rows)
 
 
-def _component_classes(folder: Path) -> dict[str, str]:
-    """{subfolder: class name} of the saved networks and schedulers, from their configs."""
-    classes = {}
-    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
-        for name in COMPONENT_CONFIGS:
-            if (sub / name).is_file():
-                classes[sub.name] = json.loads((sub / name).read_text())["_class_name"]
-    return classes
-
-
 def _components(folder: Path) -> list[str]:
     lines = []
-    for sub, class_name in _component_classes(folder).items():
-        weights = sorted((folder / sub).glob("*.safetensors"))
-        count = sum(parameter_count(p) for p in weights)
-        lines.append(f"- `{sub}/`: `{class_name}`" + (f", {count:,} parameters" if weights else ""))
+    for sub, class_name in component_classes(folder).items():
+        has_weights = any((folder / sub).glob("*.safetensors"))
+        lines.append(f"- `{sub}/`: `{class_name}`"
+                     + (f", {component_parameters(folder, sub):,} parameters" if has_weights else ""))
     return lines
 
 
-def parameter_count(path: Path) -> int:
-    count = 0
-    with safe_open(str(path), framework="pt") as tensors:  # reads the header only
-        for key in tensors.keys():
-            size = 1
-            for dim in tensors.get_slice(key).get_shape():
-                size *= dim
-            count += size
-    return count
-
-
-def _usage(folder: Path, repo_id: str, kind: str, space: str) -> str:
-    """Two snippets: the networks through `from_pretrained`, then samples in data space through stagediff."""
+def _usage(folder: Path, repo_id: str, stage_kind, space: str) -> str:
+    """Two snippets: the networks through `from_pretrained` (the pipeline, when the folder is one),
+    then what the stage kind says of sampling it with stagediff."""
     if (folder / "model_index.json").is_file():
         pipeline = json.loads((folder / "model_index.json").read_text())["_class_name"]
-        load = [_imports([pipeline]), "", f'pipe = {pipeline}.from_pretrained("{repo_id}")']
-        if kind == "ddpm":  # an unconditional pipeline: DDPMPipeline or LatentDiffusionPipeline
-            load.append("images = pipe(batch_size=16).images  # PIL images")
-        if kind == "sr":  # conditional: a low-resolution image in, no unconditional samples
-            return ("```python\n" + "\n".join(load) + "\nfrom PIL import Image\n"
-                    'high_res = pipe(Image.open("low_res.png"), num_inference_steps=20).images[0]\n```\n\n'
-                    f"Or, with stagediff installed: `stagediff super-resolve INPUTS --model {repo_id} --out DIR`.")
+        load = [_imports([pipeline]), "", f'pipe = {pipeline}.from_pretrained("{repo_id}")',
+                *stage_kind.card_pipeline_call]
     else:
-        classes = _component_classes(folder)
+        classes = component_classes(folder)
         load = [_imports(classes.values()), "",
                 *(f'{sub} = {name}.from_pretrained("{repo_id}", subfolder="{sub}")' for sub, name in classes.items())]
-    shape = "(16, 2) vectors" if space == "vector" else "(16, C, H, W) images in [-1, 1]"
-    sample = ["from pathlib import Path", "", "import torch", "from huggingface_hub import snapshot_download",
-              "from stagediff.pipelines.registry import get_stage_kind", "",
-              f'folder = Path(snapshot_download("{repo_id}"))',
-              f'x = get_stage_kind("{kind}").sample(folder, 16, torch.Generator().manual_seed(0), torch.device("cpu"))',
-              f"# x: {shape}" + ("; sampler='ddpm' | 'ddim' | 'dpmsolver' and steps=... choose the sampler"
-                                 if kind == "ddpm" else "")]
-    return ("```python\n" + "\n".join(load) + "\n```\n\nSamples in data space (decoded by the VAE for latent "
-            "stages) with stagediff installed:\n\n```python\n" + "\n".join(sample) + "\n```")
+    return "```python\n" + "\n".join(load) + "\n```\n\n" + stage_kind.card_usage(repo_id, space)
 
 
 def _imports(class_names) -> str:
@@ -238,9 +169,9 @@ def _imports(class_names) -> str:
 
 def _metrics(folder: Path) -> str:
     parts = []
-    if (folder / "metrics.json").is_file():
-        parts.append("Measured at the end of training (`metrics.json`):\n\n"
-                     + _metrics_table(json.loads((folder / "metrics.json").read_text())))
+    if (folder / METRICS_FILE).is_file():
+        parts.append(f"Measured at the end of training (`{METRICS_FILE}`):\n\n"
+                     + _metrics_table(json.loads((folder / METRICS_FILE).read_text())))
     if (folder / EVALUATION_FILE).is_file():
         report = json.loads((folder / EVALUATION_FILE).read_text())
         if not isinstance(report.get("mean"), dict):

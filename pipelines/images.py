@@ -1,4 +1,4 @@
-"""Image grids and PNG files for tensors in [-1, 1]."""
+"""Image grids, PNG files and point-cloud pictures of tensors (images in [-1, 1])."""
 
 import math
 from pathlib import Path
@@ -36,3 +36,13 @@ def save_png(array: np.ndarray, path: str | Path) -> Path:
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> Path:
     return save_png(make_grid(images, nrow), path)
+
+
+def scatter_image(points: torch.Tensor, size: int = 256, extent: float | None = None) -> torch.Tensor:
+    """A (1, 1, size, size) image in [-1, 1] of a 2D point cloud (log-scaled counts), for previews."""
+    points = points.detach().float().cpu().numpy()
+    extent = extent or float(np.abs(points).max()) * 1.1 + 1e-6
+    counts, _, _ = np.histogram2d(points[:, 1], points[:, 0], bins=size, range=[[-extent, extent]] * 2)
+    image = np.log1p(counts[::-1].copy())
+    image = image / max(image.max(), 1e-6)
+    return torch.from_numpy(1 - 2 * image).float()[None, None]

@@ -1,4 +1,5 @@
-"""Latent caching for stage 2: encode the dataset once with the frozen VAE, train from disk.
+"""The stage-1 VAE as later stages use it: loading it, decoding its prior and latents, and
+latent caching for stage 2 (encode the dataset once with the frozen VAE, train from disk).
 
 The cache is one safetensors file keyed by a hash of what made it: the VAE's weights and config,
 the data config (for an image folder, also its files' names, sizes and times), the latent mode and
@@ -31,6 +32,22 @@ from .data import DataSplits, InMemoryDataset
 CACHE_LAYOUT = "1"  # bump when what a cache holds changes
 
 
+def load_vae(vae_dir: Path, device) -> AutoencoderKL:
+    """An exported (stage 1) VAE, in eval mode on `device`."""
+    return AutoencoderKL.from_pretrained(vae_dir).to(device).eval()
+
+
+@torch.no_grad()
+def decode_prior(autoencoder: AutoencoderKL, num_samples: int, generator: torch.Generator | None,
+                 device: torch.device) -> torch.Tensor:
+    """x_hat(z) for z ~ N(0, I): the VAE's own generative model (mean of p(x|z))."""
+    cfg = autoencoder.config
+    size = cfg.sample_size // 2 ** (len(cfg.block_out_channels) - 1)
+    shape = (num_samples, cfg.latent_channels, size, size)
+    z = torch.randn(shape, generator=generator, device=generator.device if generator else device).to(device)
+    return autoencoder.decode(z).sample.clamp(-1, 1)
+
+
 def cache_key(vae_dir: Path, data: DataSplits, mode: str) -> str:
     """SHA-256 of everything the cached latents depend on."""
     digest = hashlib.sha256(f"{CACHE_LAYOUT}|{mode}|{data.description}|".encode())
@@ -53,7 +70,7 @@ def cached_latents(vae_dir: Path, data: DataSplits, mode: str, cache_dir: Path, 
     path = cache_dir / f"latents-{key[:16]}.safetensors"
     tensors = _read_cache(path, key) if accelerator.is_main_process else None
     if accelerator.is_main_process and tensors is None:
-        vae = AutoencoderKL.from_pretrained(vae_dir).to(accelerator.device).eval()
+        vae = load_vae(vae_dir, accelerator.device)
         tensors = {}
         for split in ("train", "validation"):
             tensors[split], tensors[f"{split}_labels"] = _encode(vae, getattr(data, split), mode, batch_size)
@@ -157,7 +174,7 @@ def sample_posterior(x: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def decode_latents(vae_dir: Path, z: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """Images in [-1, 1] from scaled latents z (the VAE's scaling_factor undone)."""
-    vae = AutoencoderKL.from_pretrained(vae_dir).to(z.device).eval()
+    vae = load_vae(vae_dir, z.device)
     if z.shape[1] != vae.config.latent_channels:
         raise ValueError(f"{vae_dir}: this VAE decodes {vae.config.latent_channels}-channel latents, the samples "
                          f"have {z.shape[1]} channels: the model and this VAE come from different runs")

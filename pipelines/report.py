@@ -22,18 +22,14 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display: before pyplot is imported
 import matplotlib.pyplot as plt  # noqa: E402
-import yaml  # noqa: E402
 
-from .hub import COMPONENT_CONFIGS, parameter_count  # noqa: E402
-from .run import DONE_FILE  # noqa: E402
-from .stages.spaces import SPACE_FILE, read_space  # noqa: E402
+from .registry import get_stage_kind  # noqa: E402
+from .stage_folder import (EVALUATION_FILE, METRICS_FILE, SAMPLES_FILE, component_classes,  # noqa: E402
+                           component_parameters, finished_stages, read_history, read_json, read_space, stage_block)
+from .stages.base import Stage  # noqa: E402
 
-HISTORY_FILE = "history.jsonl"
 PAGE = "index.html"
 NOT_TRAINING_TERMS = {"step", "images_per_s", "lr", "nonfinite_skips", "grad_scaler_skips"}
-# Components not counted as the stage's sampling network: the discriminator only judges, and a
-# latent stage's VAE (its own stage in the table) only decodes.
-NOT_SAMPLING_NETWORKS = {"discriminator", "vae", "vqvae"}
 SPACE_NAMES = {"image": "pixels", "vector": "2D vectors", "latent": "VAE latents"}
 
 
@@ -43,7 +39,7 @@ class StageResult:
 
     run: str
     name: str
-    kind: str
+    kind: type[Stage]  # the stage class, which knows its family
     folder: Path
     block: dict  # the stage's entry in its config.yaml
     metrics: dict
@@ -52,7 +48,7 @@ class StageResult:
 
     @property
     def space(self) -> str:
-        return read_space(self.folder) if (self.folder / SPACE_FILE).is_file() else "image"
+        return read_space(self.folder)
 
     @property
     def label(self) -> str:
@@ -63,52 +59,20 @@ class StageResult:
         return self.evaluation.get(key, self.metrics.get(key))
 
     def sampling_parameters(self) -> int:
-        skipped = NOT_SAMPLING_NETWORKS - ({"vae"} if self.kind == "vae" else set())
-        return sum(parameter_count(weights) for sub in self.folder.iterdir()
-                   if sub.is_dir() and sub.name not in skipped
-                   and any((sub / name).is_file() for name in COMPONENT_CONFIGS)
-                   for weights in sub.glob("*.safetensors"))
+        """Parameters of the networks that sample: not the family's auxiliary ones (a GAN's
+        discriminator), nor a latent stage's VAE (its own stage in the table), which only decodes."""
+        skipped = set(self.kind.auxiliary_components) | ({"vae"} if self.space == "latent" else set())
+        return sum(component_parameters(self.folder, sub) for sub in component_classes(self.folder) if sub not in skipped)
 
     def evaluations_per_sample(self) -> str:
-        """Network evaluations per sample: the sampler's steps for a DDPM, one pass otherwise."""
-        model = self.block.get("model", {})
-        if self.kind in ("ddpm", "sr") and model.get("objective") != "regression":
-            sampler = model.get("sampler", "dpmsolver")
-            steps = model.get("num_train_timesteps", 1000) if sampler == "ddpm" else model.get("num_inference_steps", 20)
-            evaluations = f"{steps} ({sampler})"
-        else:
-            evaluations = "1"
-        return evaluations + (" + decoder" if self.space == "latent" else "")
-
-
-def finished_stages(path: Path) -> list[Path]:
-    """The finished stage folders of a run folder, in the config's order; a stage folder itself."""
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no such folder")
-    if (path / DONE_FILE).is_file():
-        return [path]
-    done = sorted(path.glob(f"*/{DONE_FILE}"))
-    if not done:
-        raise FileNotFoundError(f"{path}: neither a trained stage folder (no {DONE_FILE}) nor a run folder holding one")
-    folders = {p.parent.name: p.parent for p in done}
-    # The newest config knows every stage's place, earlier ones only theirs.
-    newest = max(done, key=lambda p: p.stat().st_mtime).parent / "config.yaml"
-    order = [s["name"] for s in yaml.safe_load(newest.read_text())["stages"]]
-    return [folders[name] for name in order if name in folders] + sorted(
-        folder for name, folder in folders.items() if name not in order)
+        """Network evaluations per sample with the stage's sampler, and the decoder's for latents."""
+        return self.kind.passes_per_sample(self.block) + (" + decoder" if self.space == "latent" else "")
 
 
 def read_stage(folder: Path, run: str) -> StageResult:
-    stages = yaml.safe_load((folder / "config.yaml").read_text())["stages"]
-    block = next(s for s in stages if s["name"] == folder.name)
-    evaluation = {}
-    if (folder / "evaluation.json").is_file():
-        evaluation = json.loads((folder / "evaluation.json").read_text()).get("mean", {})
-    history = []
-    if (folder / HISTORY_FILE).is_file():
-        history = [json.loads(line) for line in (folder / HISTORY_FILE).read_text().splitlines() if line.strip()]
-    metrics = json.loads((folder / "metrics.json").read_text()) if (folder / "metrics.json").is_file() else {}
-    return StageResult(run, folder.name, block["kind"], folder, block, metrics, evaluation, history)
+    block = stage_block(folder)
+    return StageResult(run, folder.name, get_stage_kind(block["kind"]), folder, block, read_json(folder, METRICS_FILE),
+                       read_json(folder, EVALUATION_FILE).get("mean", {}), read_history(folder))
 
 
 def collect(run_dirs: list[Path]) -> list[StageResult]:
@@ -186,17 +150,12 @@ def fmt(value, digits: int = 3) -> str:
 
 def likelihood(stage: StageResult) -> str:
     """The family's answer to "what is ln p(x)?", with the measured value where there is one."""
-    m = stage.metrics
-    if stage.kind == "vae":
-        return f"bound: −ELBO {fmt(m.get('neg_elbo_bits_per_dim'))} bits/dim"
-    if stage.kind == "flow":
-        if "val_bits_per_dim" in m:
-            return f"exact: {fmt(m['val_bits_per_dim'])} bits/dim"
-        unit = "per latent" if stage.space == "latent" else "per vector"
-        return f"exact: {fmt(m.get('val_nll_nats'))} nats {unit}"
-    if stage.kind == "ddpm":
-        return "bound (not evaluated)"
-    return "none"
+    found = stage.kind.likelihood(stage.metrics, stage.space)
+    if found.kind == "none":
+        return "none"
+    if found.value is None:
+        return f"{found.kind} (not evaluated)"
+    return f"{found.kind}: {found.name + ' ' if found.name else ''}{fmt(found.value)} {found.unit}"
 
 
 COMPARISON_COLUMNS = ["run / stage", "family", "space", "parameters", "training s", "likelihood", "FD",
@@ -207,71 +166,59 @@ def comparison_rows(stages: list[StageResult]) -> list[list[str]]:
     """One row per generative stage (super-resolution stages have their own figure and metrics)."""
     rows = []
     for s in stages:
-        if s.kind == "sr":
+        if s.kind.evaluation_task != "generation":
             continue
         high_quality = s.metric("high_quality_fraction")
-        rows.append([s.label, s.kind, SPACE_NAMES.get(s.space, s.space), fmt(s.sampling_parameters()),
+        rows.append([s.label, s.kind.kind, SPACE_NAMES.get(s.space, s.space), fmt(s.sampling_parameters()),
                      fmt(s.metrics.get("train_seconds"), 4), likelihood(s), fmt(s.metric("fd")),
                      fmt(s.metric("fd_train_vs_heldout")), fmt(s.metric("classes_covered")),
                      fmt(s.metric("class_kl")), fmt(s.metric("modes_covered")),
                      fmt(None if high_quality is None else 100 * high_quality),
-                     fmt(s.metric("sampling_seconds_per_sample")),
-                     s.evaluations_per_sample() if s.kind != "vae" else "1 (decoder)"])
+                     fmt(s.metric("sampling_seconds_per_sample")), s.evaluations_per_sample()])
     return rows
 
 
-# The course's advantages (+) and drawbacks (−) of each family, one line per property; each cell
-# says the course's verdict, then what these runs measured, where a number answers it.
-COURSE_FAMILIES = ("flow", "vae", "ddpm", "gan")
-COURSE_NAMES = {"flow": "normalizing flow", "vae": "VAE", "ddpm": "DDPM", "gan": "GAN"}
+# The course's table of advantages (+) and drawbacks (−), one line per property: the verdicts are
+# each family's (`Stage.course_verdicts`), the lines in between are what these runs measured.
+VERDICT_LINES = ("ln p(x) of a datum", "maximum-likelihood training", "architecture", "size of Z",
+                 "what else the course says")
 
 
 def family_table(stages: list[StageResult]) -> tuple[list[str], list[list[str]]] | None:
     """The course's table of advantages and drawbacks, measured; None unless two families are present."""
-    best: dict[str, StageResult] = {}
+    best: dict[type[Stage], StageResult] = {}
     for s in stages:  # per family, the stage with the lowest FD (the latent one, when both exist)
-        if s.kind in COURSE_FAMILIES and (s.kind not in best or (s.metric("fd") or 1e9) < (best[s.kind].metric("fd") or 1e9)):
+        if s.kind.course_name and (s.kind not in best or (s.metric("fd") or 1e9) < (best[s.kind].metric("fd") or 1e9)):
             best[s.kind] = s
     if len(best) < 2:
         return None
-    families = [k for k in COURSE_FAMILIES if k in best]
+    families = sorted(best, key=lambda kind: kind.course_part)
 
-    def vae_prior_fd() -> str:
-        # The VAE samples by decoding z ~ N(0, I); a latent stage 2 measured that on the same data.
-        values = [s.metric("fd_vae_prior") for s in stages if s.metric("fd_vae_prior") is not None]
-        return f"decoding z ~ N(0, I): FD {fmt(min(values))}" if values else "—"
+    def sampling(kind: type[Stage]) -> str:
+        s, verdict = best[kind], kind.course_verdicts["efficient sampling"]
+        seconds = s.metric("sampling_seconds_per_sample")
+        if seconds is None:
+            return verdict
+        return f"{verdict} network passes: {s.evaluations_per_sample()}; {fmt(seconds)} s/sample"
 
-    def sampling(kind: str) -> str:
+    def quality(kind: type[Stage]) -> str:
         s = best[kind]
-        if kind == "vae":
-            return "+ one decoder pass per sample"
-        return (f"{'−' if kind == 'ddpm' else '+'} network passes: {s.evaluations_per_sample()}; "
-                f"{fmt(s.metric('sampling_seconds_per_sample'))} s/sample")
+        if s.metric("fd") is not None:
+            return f"FD {fmt(s.metric('fd'))}, {fmt(s.metric('classes_covered'))} classes ({s.label})"
+        # A VAE samples by decoding z ~ N(0, I): the latent stages trained on it measured that.
+        prior = [t.metric("fd_vae_prior") for t in stages if t.run == s.run and t.block.get("input") == s.name
+                 and t.metric("fd_vae_prior") is not None]
+        return f"decoding z ~ N(0, I): FD {fmt(min(prior))}" if prior else "—"
 
-    def quality(kind: str) -> str:
-        if kind == "vae":
-            return vae_prior_fd()
-        s = best[kind]
-        return f"FD {fmt(s.metric('fd'))}, {fmt(s.metric('classes_covered'))} classes ({s.label})"
-
-    verdicts = {
-        "efficient sampling": {k: sampling(k) for k in families},
-        "ln p(x) of a datum": {"flow": "+ exact", "vae": "− lower bound only", "ddpm": "− lower bound only",
-                               "gan": "− none"},
-        "measured": {k: likelihood(best[k]) for k in families},
-        "maximum-likelihood training": {"flow": "+ yes, early stopping on validation NLL", "vae": "− on the ELBO",
-                                        "ddpm": "− on a bound (ε-loss)", "gan": "− no: a min-max game"},
-        "architecture": {"flow": "− invertible layers, tractable log-det", "vae": "+ free", "ddpm": "+ free",
-                         "gan": "+ free"},
-        "size of Z": {"flow": "− equal to X", "vae": "+ free", "ddpm": "− z_t the size of x", "gan": "+ free"},
-        "what else the course says": {"flow": "− the base distribution's shape is strongly constrained",
-                                      "vae": "− diagonal Gaussian conditionals", "ddpm": "+ no encoder to learn",
-                                      "gan": "− hard to optimize: convergence, mode collapse"},
-        "samples (FD, classes covered)": {k: quality(k) for k in families},
-        "training time": {k: f"{fmt(best[k].metrics.get('train_seconds'), 4)} s" for k in families},
+    lines = {
+        "efficient sampling": [sampling(k) for k in families],
+        VERDICT_LINES[0]: [k.course_verdicts[VERDICT_LINES[0]] for k in families],
+        "measured": [likelihood(best[k]) for k in families],
+        **{line: [k.course_verdicts[line] for k in families] for line in VERDICT_LINES[1:]},
+        "samples (FD, classes covered)": [quality(k) for k in families],
+        "training time": [f"{fmt(best[k].metrics.get('train_seconds'), 4)} s" for k in families],
     }
-    header = ["property"] + [COURSE_NAMES[k] for k in families]
-    return header, [[prop] + [cells.get(k, "") for k in families] for prop, cells in verdicts.items()]
+    return ["property"] + [k.course_name for k in families], [[line, *cells] for line, cells in lines.items()]
 
 
 # --------------------------------------------------------------------------- page
@@ -305,18 +252,16 @@ def figure(src: str | None, caption: str, width: int | None = None) -> str:
 
 def stage_section(stage: StageResult, out: Path) -> str:
     slug = re.sub(r"[^A-Za-z0-9_-]+", "-", stage.label)
-    parts = [f'<section id="{slug}"><h3>{html.escape(stage.label)}: {html.escape(stage.kind)} on '
+    parts = [f'<section id="{slug}"><h3>{html.escape(stage.label)}: {html.escape(stage.kind.kind)} on '
              f"{html.escape(SPACE_NAMES.get(stage.space, stage.space))}</h3>"]
     curves = plot_curves(stage, out / f"{slug}-curves.png")
     parts.append(figure(curves and curves.name, "training curves"))
-    caption = ("top: validation images and their reconstructions, in pairs of rows; bottom: decoded prior samples"
-               if stage.kind == "vae" else "samples at the end of training" if stage.kind != "sr"
-               else "low-resolution input, samples, ground truth")
-    parts.append(figure(copy_image(stage.folder / "samples.png", out, f"{slug}-samples.png"), caption, 320))
-    if stage.kind == "sr":
+    parts.append(figure(copy_image(stage.folder / SAMPLES_FILE, out, f"{slug}-samples.png"),
+                        stage.kind.preview_caption, 320))
+    if stage.kind.evaluation_task == "sr":
         parts.append(figure(copy_image(stage.folder / "evaluation" / "figures" / "all.png", out, f"{slug}-evaluation.png"),
                             "`stagediff evaluate`: input, bicubic, regression, samples, ground truth"))
-        sr_metrics = stage.folder / "evaluation" / "metrics.json"
+        sr_metrics = stage.folder / "evaluation" / METRICS_FILE
         if sr_metrics.is_file():
             results = json.loads(sr_metrics.read_text())["results"]
             keys = sorted({k for metrics in results.values() for k in metrics})
@@ -336,7 +281,8 @@ def write_report(run_dirs: list[Path], out: Path) -> Path:
              "<p>Runs: " + ", ".join(html.escape(str(Path(p))) for p in run_dirs) + ". FD: Fréchet distance to "
              "the held-out split in a small classifier's feature space (FD floor: train vs held-out); classes: "
              "classes with at least 1% of the samples; sampling time and FD as measured at the end of training, "
-             "or by <code>stagediff evaluate</code> where its <code>evaluation.json</code> is present.</p>"]
+             "or by <code>stagediff evaluate</code> where its <code>"
+             f"{EVALUATION_FILE}</code> is present.</p>"]
     rows = comparison_rows(stages)
     if rows:
         parts += ["<h2>Comparison</h2>", html_table(COMPARISON_COLUMNS, rows, "comparison")]

@@ -1,8 +1,7 @@
 """The staged job: one Accelerator, the data once, then each stage in order into its own folder.
 
-`output_dir/<stage>/` holds `config.yaml` (the resolved run config), the exported networks
-(diffusers layout), `samples.png`, `metrics.json`, `history.jsonl` and `checkpoints/`. A stage
-whose `done.json` matches its config is skipped (and says so), unless forced. Stage folders that
+Each stage trains into `output_dir/<stage>/` (its contents: stage_folder.py). A stage whose
+`done.json` matches its config is skipped (and says so), unless forced. Stage folders that
 hold another run (another seed, data or model) stop the job before any work, unless `overwrite`.
 """
 
@@ -21,15 +20,15 @@ import yaml
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, ProjectConfiguration
 
-from .config import ConfigError, RunConfig, non_default_values, parse_run_config, save_config
+from .config import ConfigError, RunConfig, non_default_values, save_config
 from .data import load_data
-from .checkpoint import file_manifest, verify_manifest
 from .hub import HubError, push
-from .registry import get_stage_kind
+from .registry import get_stage_kind, parse_run_config
+from .stage_folder import (CONFIG_FILE, DONE_FILE, METRICS_FILE, SAMPLES_FILE, done_fingerprint, verify_exported_weights,
+                           write_done)
 from .stages.base import Stage
 from .trainer import train_stage
 
-DONE_FILE = "done.json"
 logger = logging.getLogger(__name__)
 
 
@@ -109,10 +108,10 @@ def other_runs(config: RunConfig) -> dict[Path, str]:
     found = {}
     for stage in config.stages:
         folder = Path(config.output_dir) / stage.name
-        saved = folder / "config.yaml"
+        saved = folder / CONFIG_FILE
         if not saved.is_file():
             if folder.is_dir() and any(folder.iterdir()):
-                found[folder] = "it holds files but no config.yaml of a stagediff run"
+                found[folder] = f"it holds files but no {CONFIG_FILE} of a stagediff run"
             continue
         try:
             theirs = _run_identity(parse_run_config(yaml.safe_load(saved.read_text())), stage.name)
@@ -125,22 +124,8 @@ def other_runs(config: RunConfig) -> dict[Path, str]:
     return found
 
 
-def exported_weights(stage_dir: Path) -> dict[str, list]:
-    """The manifest (size, SHA-256) of a finished stage's exported safetensors, kept in done.json:
-    a bit flip inside a weights file is otherwise invisible (safetensors checks only its header)."""
-    return file_manifest(stage_dir, (p for p in stage_dir.rglob("*.safetensors")
-                                     if p.relative_to(stage_dir).parts[0] not in ("checkpoints", "cache")))
-
-
-def verify_exported_weights(stage_dir: Path) -> None:
-    """Raise CorruptCheckpointError naming an exported weights file that changed since training."""
-    done = stage_dir / DONE_FILE
-    verify_manifest(stage_dir, json.loads(done.read_text()).get("files", {}), done)
-
-
 def is_stage_done(config: RunConfig, stage_name: str) -> bool:
-    done = Path(config.output_dir) / stage_name / DONE_FILE
-    return done.is_file() and json.loads(done.read_text()).get("fingerprint") == stage_fingerprint(config, stage_name)
+    return done_fingerprint(Path(config.output_dir) / stage_name) == stage_fingerprint(config, stage_name)
 
 
 def run(config: RunConfig, force_stages: tuple[str, ...] = (), overwrite: bool = False,
@@ -177,24 +162,23 @@ def run(config: RunConfig, force_stages: tuple[str, ...] = (), overwrite: bool =
             verify_exported_weights(stage_dir)  # its outputs are later stages' inputs
             accelerator.print(f"[{stage_config.name}] outputs in {stage_dir} match the config: skipped "
                               f"(--force-stage {stage_config.name} retrains it)")
-            results[stage_config.name] = json.loads((stage_dir / "metrics.json").read_text())
+            results[stage_config.name] = json.loads((stage_dir / METRICS_FILE).read_text())
             continue
         input_dir = Path(config.output_dir) / stage_config.input if stage_config.input else None
         stage = get_stage_kind(stage_config.kind)(stage_config, data, input_dir)
         if accelerator.is_main_process:
             stage_dir.mkdir(parents=True, exist_ok=True)
             (stage_dir / DONE_FILE).unlink(missing_ok=True)
-            save_config(config, stage_dir / "config.yaml")
+            save_config(config, stage_dir / CONFIG_FILE)
         accelerator.wait_for_everyone()
         pushed = config.push_every_checkpoint and stage_config is config.stages[-1]  # the run's pipeline
         _, metrics = train_stage(accelerator, stage, config, stage_dir,
                                  on_checkpoint=checkpoint_pusher(config, stage, stage_dir, hub_api) if pushed else None)
         if accelerator.is_main_process:
-            (stage_dir / DONE_FILE).write_text(json.dumps({"fingerprint": stage_fingerprint(config, stage_config.name),
-                                                           "files": exported_weights(stage_dir)}))
+            write_done(stage_dir, stage_fingerprint(config, stage_config.name))
         accelerator.print(f"[{stage_config.name}] " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
         accelerator.print(f"[{stage_config.name}] weights, metrics and samples in {stage_dir} "
-                          f"(look at {stage_dir / 'samples.png'})")
+                          f"(look at {stage_dir / SAMPLES_FILE})")
         results[stage_config.name] = metrics
     accelerator.end_training()
     if config.push_to_hub and accelerator.is_main_process:  # the run's final pipeline: its last stage
@@ -213,7 +197,7 @@ def checkpoint_pusher(config: RunConfig, stage: Stage, stage_dir: Path, hub_api=
             snapshot = Path(tmp) / stage_dir.name  # the card names the stage after its folder
             snapshot.mkdir()
             stage.export(model, snapshot)
-            shutil.copyfile(stage_dir / "config.yaml", snapshot / "config.yaml")
+            shutil.copyfile(stage_dir / CONFIG_FILE, snapshot / CONFIG_FILE)
             try:
                 push(snapshot, config.hub_model_id, private=config.hub_private, license_id=config.hub_license,
                      commit_message=f"{stage_dir.name}: checkpoint at step {step} (stagediff)", api=hub_api)

@@ -12,7 +12,7 @@ import json
 import statistics
 from pathlib import Path
 
-from .config import load_config
+from .registry import load_config
 from .run import run
 
 

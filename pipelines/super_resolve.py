@@ -25,17 +25,18 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import yaml
 from PIL import Image
 from tqdm.auto import tqdm
 
 from ..modules.sr import downsample, resize
-from .config import parse_run_config
 from .data import load_data
-from .diffusion import SuperResolutionPipeline, downsampling_factor, make_sampler, pil_to_model_range
+from .diffusion import (SuperResolutionPipeline, downsampling_factor, make_sampler, pil_to_model_range,
+                        sampler_and_steps)
 from .evaluation import cache_dir, get_feature_classifier, image_metrics, super_resolution_metrics
 from .images import save_grid, save_png, to_uint8
-from .run import DONE_FILE, verify_exported_weights
+from .registry import parse_run_config
+from .stage_folder import DONE_FILE, METRICS_FILE, read_run_config, stage_block, verify_exported_weights
+from .stages.sr import SRStage
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 MIN_INPUT_SIDE = 2
@@ -142,8 +143,8 @@ def super_resolve_files(inputs: list[str], model: str, out: Path, scale: int | N
     pipeline = SuperResolutionPipeline.from_pretrained(model)
     if scale is not None and scale != pipeline.config.scale:
         raise ValueError(f"--scale {scale}: the model {model} was trained for x{pipeline.config.scale} only")
-    pipeline.scheduler = make_sampler(sampler or "dpmsolver", pipeline.scheduler.config)
-    steps = None if sampler == "ddpm" and steps is None else (steps or 20)  # ddpm: all T steps
+    sampler, steps = sampler_and_steps(sampler, steps)
+    pipeline.scheduler = make_sampler(sampler, pipeline.scheduler.config)
     pipeline.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     pipeline.set_progress_bar_config(disable=True)
     channels = pipeline.image_channels
@@ -166,6 +167,19 @@ def super_resolve_files(inputs: list[str], model: str, out: Path, scale: int | N
 # ----------------------------------------------------------------------------- evaluation
 
 
+def find_regression_baseline(stage_dir: Path) -> Path | None:
+    """A finished `objective: regression` sr stage of the same run, at the same scale."""
+    config = read_run_config(stage_dir)
+    scale = stage_block(stage_dir, config)["model"].get("scale")
+    for stage in config["stages"]:
+        model = stage.get("model", {})
+        folder = stage_dir.parent / stage["name"]
+        if (stage["kind"] == SRStage.kind and model.get("objective") == "regression" and model.get("scale") == scale
+                and (folder / DONE_FILE).is_file()):
+            return folder
+    return None
+
+
 def evaluate_super_resolution(model_dir: Path, regression_dir: Path | None, num_images: int, num_samples: int,
                               sampler: str | None, steps: int | None, seed: int, device: str | None,
                               out: Path) -> dict[str, dict[str, float]]:
@@ -177,7 +191,8 @@ def evaluate_super_resolution(model_dir: Path, regression_dir: Path | None, num_
     (in [0, 1] units, averaged over pixels and inputs). Writes `metrics.json` and, for the first 8
     inputs, figures (input, bicubic, regression, 3 samples, ground truth) under `out`.
     """
-    config = parse_run_config(yaml.safe_load((model_dir / "config.yaml").read_text()))
+    sampler, steps = sampler_and_steps(sampler, steps)
+    config = parse_run_config(read_run_config(model_dir))
     stage = config.stage(model_dir.name)
     data = load_data(config.data)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -199,11 +214,10 @@ def evaluate_super_resolution(model_dir: Path, regression_dir: Path | None, num_
     def run_pipeline(folder: Path, draws: int) -> tuple[torch.Tensor, float]:
         pipeline = SuperResolutionPipeline.from_pretrained(folder).to(device)
         pipeline.set_progress_bar_config(disable=True)
-        pipeline.scheduler = make_sampler(sampler or "dpmsolver", pipeline.scheduler.config)
-        n_steps = None if sampler == "ddpm" and steps is None else (steps or 20)
+        pipeline.scheduler = make_sampler(sampler, pipeline.scheduler.config)
         generator = torch.Generator().manual_seed(seed)
         started = time.perf_counter()
-        outputs = torch.stack([torch.cat([pipeline(chunk, num_inference_steps=n_steps, generator=generator,
+        outputs = torch.stack([torch.cat([pipeline(chunk, num_inference_steps=steps, generator=generator,
                                                    output_type="pt").images.cpu() for chunk in low_res.split(256)])
                                for _ in range(draws)])  # (draws, N, C, H, W)
         return outputs, (time.perf_counter() - started) / draws
@@ -227,9 +241,9 @@ def evaluate_super_resolution(model_dir: Path, regression_dir: Path | None, num_
     save_grid(figures.flatten(0, 1), out / "figures" / "all.png", nrow=figures.shape[1])
     report = {"model_dir": str(model_dir), "regression_dir": str(regression_dir) if regression_dir else None,
               "scale": scale, "num_images": len(high_res), "num_samples": num_samples,
-              "sampler": sampler or "dpmsolver", "steps": steps, "results": results,
+              "sampler": sampler, "steps": steps, "results": results,
               "figure_columns": ["input", "bicubic"] + (["regression"] if regression_dir else [])
               + [f"sample {k}" for k in range(min(3, num_samples))] + ["ground truth"]}
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(report, indent=2))
+    (out / METRICS_FILE).write_text(json.dumps(report, indent=2))
     return results

@@ -13,11 +13,14 @@ import logging
 import math
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 from accelerate import Accelerator
+from accelerate.optimizer import AcceleratedOptimizer
+from accelerate.scheduler import AcceleratedScheduler
 from accelerate.utils import set_seed
 from diffusers.optimization import get_scheduler
 from safetensors.torch import load_file, save_file
@@ -29,6 +32,7 @@ from .checkpoint import read_trainer_state, resolve_checkpoint, save_checkpoint
 from .config import RunConfig, save_config
 from .data import augment
 from .images import save_grid
+from .stage_folder import CHECKPOINTS_DIR, CONFIG_FILE, HISTORY_FILE, METRICS_FILE, SAMPLES_FILE
 from .stages.base import Stage
 
 logger = logging.getLogger(__name__)
@@ -40,6 +44,18 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or inf; the message names the step and the last good checkpoint."""
 
 
+@dataclass
+class Phase:
+    """One named parameter group of a stage (`Stage.parameter_groups`) with the optimizer and
+    learning-rate schedule that step it: most stages have one ("model"), a GAN two
+    ("discriminator", then "generator"), each with its own loss."""
+
+    name: str
+    params: list[torch.nn.Parameter]
+    optimizer: AcceleratedOptimizer
+    lr_scheduler: AcceleratedScheduler
+
+
 def train_stage(accelerator: Accelerator, stage: Stage, run: RunConfig, stage_dir: Path,
                 on_checkpoint: Callable[[torch.nn.Module, int], None] | None = None,
                 ) -> tuple[torch.nn.Module, dict[str, float]]:
@@ -48,7 +64,7 @@ def train_stage(accelerator: Accelerator, stage: Stage, run: RunConfig, stage_di
     after each checkpoint is saved, with the weights that would be exported (e.g. to push them)."""
     cfg = stage.config.training
     name = stage.config.name
-    checkpoints_dir = stage_dir / "checkpoints"
+    checkpoints_dir = stage_dir / CHECKPOINTS_DIR
     # One Accelerator serves every stage of a run: forget the stages before, so that this stage's
     # checkpoints hold its own model and optimizers only (a resume may skip the stages before).
     accelerator.free_memory()
@@ -88,9 +104,10 @@ def train_stage(accelerator: Accelerator, stage: Stage, run: RunConfig, stage_di
                   for optimizer in optimizers]
     model, train_loader, val_loader, *prepared = accelerator.prepare(
         model, train_loader, val_loader, *optimizers, *schedulers)
-    for lr_scheduler in prepared[len(groups):]:
-        lr_scheduler.split_batches = True
-    phases = list(zip(groups, groups.values(), prepared[: len(groups)], prepared[len(groups):]))
+    phases = [Phase(name, params, optimizer, lr_scheduler) for (name, params), optimizer, lr_scheduler
+              in zip(groups.items(), prepared[: len(groups)], prepared[len(groups):])]
+    for phase in phases:
+        phase.lr_scheduler.split_batches = True
     if ema is not None:
         ema.to(accelerator.device)
     set_seed(run.seed, device_specific=True)
@@ -108,10 +125,10 @@ def train_stage(accelerator: Accelerator, stage: Stage, run: RunConfig, stage_di
         stopper.load(state, checkpoint)
         accelerator.print(f"[{name}] resumed from {checkpoint} at step {step}")
     if accelerator.is_main_process:
-        _truncate_history(stage_dir / "history.jsonl", step)
+        _truncate_history(stage_dir / HISTORY_FILE, step)
 
     def write_checkpoint_extras(folder: Path) -> None:
-        save_config(run, folder / "config.yaml")
+        save_config(run, folder / CONFIG_FILE)
         if ema is not None:
             save_file(ema.state_dict(), folder / "ema.safetensors")
         stopper.save(folder)
@@ -133,22 +150,22 @@ def train_stage(accelerator: Accelerator, stage: Stage, run: RunConfig, stage_di
         batch = next(batches)
         with accelerator.accumulate(model):
             x = stage.training_input(augment(batch["x"], run.data) if augment_images else batch["x"])
-            for phase, params, optimizer, lr_scheduler in phases:
-                if not stage.phase_due(phase, step + 1):
+            for phase in phases:
+                if not stage.phase_due(phase.name, step + 1):
                     continue
-                terms = model(x) if len(phases) == 1 else model(x, phase=phase)
+                terms = model(x) if len(phases) == 1 else model(x, phase=phase.name)
                 accelerator.backward(terms["loss"])
                 if accelerator.sync_gradients and cfg.max_grad_norm is not None:
-                    accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-                step_finite = step_finite and nonfinite.check(terms["loss"], params)
+                    accelerator.clip_grad_norm_(phase.params, cfg.max_grad_norm)
+                step_finite = step_finite and nonfinite.check(terms["loss"], phase.params)
                 if step_finite:
-                    optimizer.step()
-                    lr_scheduler.step()
-                    grad_scaler_skips += optimizer.step_was_skipped  # fp16: the scaler saw inf/NaN gradients
-                    meter.add(terms if len(phases) == 1 else {f"{phase}_{k}": v for k, v in terms.items()})
+                    phase.optimizer.step()
+                    phase.lr_scheduler.step()
+                    grad_scaler_skips += phase.optimizer.step_was_skipped  # fp16: the scaler saw inf/NaN gradients
+                    meter.add(terms if len(phases) == 1 else {f"{phase.name}_{k}": v for k, v in terms.items()})
                 # Every group's gradients: a generator's loss leaves some on the discriminator too.
-                for _, _, each, _ in phases:
-                    each.zero_grad(set_to_none=True)
+                for each in phases:
+                    each.optimizer.zero_grad(set_to_none=True)
         if not accelerator.sync_gradients:
             continue
         step += 1
@@ -164,13 +181,13 @@ def train_stage(accelerator: Accelerator, stage: Stage, run: RunConfig, stage_di
             logs = meter.flush(step, name, checkpoints_dir)  # raises NonFiniteLossError
             logs["images_per_s"] = images_per_step * logs.pop("steps") / logs.pop("seconds")  # all processes
             logs["images_per_s_per_process"] = logs["images_per_s"] / accelerator.num_processes
-            logs["lr"] = phases[0][3].get_last_lr()[0]
+            logs["lr"] = phases[0].lr_scheduler.get_last_lr()[0]
             logs.update(_skip_counts(accelerator, nonfinite, grad_scaler_skips))
             progress.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k.endswith("loss")}
                                  | {"img_s": f"{logs['images_per_s']:.0f}"})
             accelerator.log({f"{name}/{k}": v for k, v in logs.items()}, step=step)
             if accelerator.is_main_process:
-                with open(stage_dir / "history.jsonl", "a") as f:
+                with open(stage_dir / HISTORY_FILE, "a") as f:
                     f.write(json.dumps({"step": step, **logs}) + "\n")
         if cfg.eval_every and step % cfg.eval_every == 0:
             model.eval()
@@ -179,7 +196,7 @@ def train_stage(accelerator: Accelerator, stage: Stage, run: RunConfig, stage_di
             model.train()
             accelerator.log({f"{name}/val/{k}": v for k, v in val.items()}, step=step)
             if accelerator.is_main_process:
-                with open(stage_dir / "history.jsonl", "a") as f:
+                with open(stage_dir / HISTORY_FILE, "a") as f:
                     f.write(json.dumps({"step": step, **{f"val/{k}": v for k, v in val.items()}}) + "\n")
             if stage.monitor is not None and stopper.update(val, step, _eval_model(accelerator, model, ema)):
                 accelerator.print(f"[{name}] early stopping at step {step}: validation {stage.monitor} has not "
@@ -212,8 +229,8 @@ def train_stage(accelerator: Accelerator, stage: Stage, run: RunConfig, stage_di
     accelerator.log({f"{name}/val/{k}": v for k, v in metrics.items()}, step=step)
     if accelerator.is_main_process:
         stage.export(final, stage_dir)
-        _save_preview(stage, final, preview_batch, run.seed, stage_dir / "samples.png")
-        (stage_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        _save_preview(stage, final, preview_batch, run.seed, stage_dir / SAMPLES_FILE)
+        (stage_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
     accelerator.wait_for_everyone()
     return final, metrics
 

@@ -14,7 +14,7 @@ from stagediff.pipelines import benchmark
 from stagediff.pipelines.config import TrainingConfig
 from stagediff.pipelines.data import InMemoryDataset
 from stagediff.pipelines.run import run
-from stagediff.pipelines.config import parse_run_config
+from stagediff.pipelines.registry import parse_run_config
 
 TINY = {
     "seed": 0, "log_with": "none",

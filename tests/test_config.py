@@ -5,11 +5,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stagediff.pipelines.config import ConfigError, config_to_dict, load_config, parse_run_config, save_config
+from stagediff.pipelines.config import ConfigError, config_to_dict, save_config
+from stagediff.pipelines.registry import load_config, parse_run_config
 from stagediff.pipelines.registry import get_stage_kind
 from stagediff.pipelines.data import load_data
 
-from conftest import tiny_vae_config
+from helpers import tiny_vae_config
 
 CONFIGS = sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.yaml"))
 

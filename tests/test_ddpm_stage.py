@@ -8,11 +8,11 @@ import torch
 from accelerate.state import AcceleratorState
 from diffusers import AutoencoderKL, DDPMPipeline, DDPMScheduler, UNet2DModel
 
-from stagediff.pipelines.config import parse_run_config
+from stagediff.pipelines.registry import parse_run_config
 from stagediff.pipelines.diffusion import SAMPLERS, LatentDiffusionPipeline, make_sampler
 from stagediff.pipelines.run import run
 
-from conftest import tiny_vae_config
+from helpers import tiny_vae_config
 
 TINY_UNET = {"block_out_channels": [8, 16], "attention": [False, True], "norm_num_groups": 8,
              "num_train_timesteps": 100, "num_inference_steps": 5, "num_eval_samples": 16}

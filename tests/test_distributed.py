@@ -31,10 +31,10 @@ import torch
 from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
-from stagediff.pipelines.config import parse_run_config
+from stagediff.pipelines.registry import parse_run_config
 from stagediff.pipelines.run import run
 
-from conftest import tiny_vae_config
+from helpers import tiny_vae_config
 
 REPO = Path(__file__).resolve().parents[1]
 ACCELERATE_CONFIGS = REPO / "configs" / "accelerate"
@@ -116,7 +116,7 @@ WORKER = textwrap.dedent("""
 
     import torch
     from torch.utils.data import DataLoader
-    from stagediff.pipelines.config import parse_run_config
+    from stagediff.pipelines.registry import parse_run_config
     from stagediff.pipelines.data import load_data
     from stagediff.pipelines.registry import get_stage_kind
     from stagediff.pipelines.run import make_accelerator, run

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from stagediff.modules.flows import NormalizingFlow
-from stagediff.pipelines.config import parse_run_config
+from stagediff.pipelines.registry import parse_run_config
 from stagediff.pipelines.data import load_data
 from stagediff.pipelines.run import run
 from stagediff.pipelines.stages.flow import FlowStage
 
-from conftest import tiny_vae_config
+from helpers import tiny_vae_config
 
 
 def tiny_flow_config(output_dir, **data):

@@ -1,13 +1,15 @@
 """The seed's part VI (GAN): the losses L'(phi) and the non-saturating L''(theta), R1, the networks,
-and a short alternating training run on the 2D ring."""
+the training module's two phases, and their alternation (n_critic) in the one training loop.
+(Learning the 2D ring through that loop: tests/test_gan_stage.py.)"""
 
+import json
 import math
 
 import pytest
 import torch
+from accelerate.utils import set_seed
 from torch import nn
 
-from stagediff.modules.ema import EMA
 from stagediff.modules.gan import (
     Discriminator,
     GANTrainingModule,
@@ -15,9 +17,12 @@ from stagediff.modules.gan import (
     discriminator_loss,
     generator_loss,
     r1_penalty,
-    train_step,
 )
-from stagediff.modules.toy2d import make_toy
+from stagediff.pipelines.data import load_data
+from stagediff.pipelines.registry import parse_run_config
+from stagediff.pipelines.run import make_accelerator
+from stagediff.pipelines.stages.gan import GANStage
+from stagediff.pipelines.trainer import train_stage
 
 
 def stable_softplus(t: float) -> float:
@@ -240,58 +245,30 @@ def test_discriminator_terms_are_the_seeds_loss_plus_r1():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in gan.generator.parameters())
 
 
-def test_train_step_alternates_with_n_critic():
-    """The discriminator steps on every call, the generator after every n_critic-th one."""
-    gan = tiny_gan(n_critic=2)
-    d_optimizer = torch.optim.Adam(gan.discriminator.parameters(), lr=1e-2)
-    g_optimizer = torch.optim.Adam(gan.generator.parameters(), lr=1e-2)
-    ema = EMA(gan.generator, decay=0.9)
-    changed = []
-    for step in range(1, 5):
-        g_before = [p.clone() for p in gan.generator.parameters()]
-        d_before = [p.clone() for p in gan.discriminator.parameters()]
-        terms = train_step(gan, torch.randn(16, 2), d_optimizer, g_optimizer, step, generator_ema=ema)
-        changed.append((not all(torch.equal(a, b) for a, b in zip(g_before, gan.generator.parameters())),
-                        not all(torch.equal(a, b) for a, b in zip(d_before, gan.discriminator.parameters())),
-                        "g_loss" in terms))
-    assert changed == [(False, True, False), (True, True, True), (False, True, False), (True, True, True)]
-    assert int(ema.num_updates) == 2
+def test_the_one_loop_steps_the_generator_every_n_critic_th_step(tmp_path):
+    """Through pipelines/trainer.py with the gan stage: each step the discriminator's optimizer steps,
+    every n_critic-th (here 2nd) step the generator's too, each moving its own player only."""
+    config = parse_run_config({
+        "output_dir": str(tmp_path), "seed": 0, "log_with": "none",
+        "data": {"source": "toy", "toy": "ring8", "toy_samples": 256},
+        "stages": [{"name": "gan", "kind": "gan",
+                    "model": {"latent_dim": 4, "hidden": 16, "num_layers": 1, "generator_norm": "none",
+                              "n_critic": 2, "num_eval_samples": 16},
+                    "training": {"max_steps": 4, "batch_size": 16, "learning_rate": 1e-2, "lr_scheduler": "constant",
+                                 "log_every": 1, "checkpointing_steps": 1}}]})
+    stage = GANStage(config.stages[0], load_data(config.data))
+    set_seed(config.seed)  # the trainer builds the model after the same call: the initial weights
+    weights = [{k: v.clone() for k, v in stage.build_model().state_dict().items()}]
+    (tmp_path / "gan").mkdir()
+    train_stage(make_accelerator(config), stage, config, tmp_path / "gan",
+                on_checkpoint=lambda model, step: weights.append(
+                    {k: v.detach().clone() for k, v in model.state_dict().items()}))
 
+    def moved(before: dict, after: dict, player: str) -> bool:
+        return any(not torch.equal(before[k], after[k]) for k in before if k.startswith(player + "."))
 
-def mean_distance_to_ring(samples: torch.Tensor, modes: torch.Tensor) -> float:
-    return torch.cdist(samples.double(), modes.double()).min(dim=1).values.mean().item()
-
-
-@pytest.fixture
-def one_thread():
-    """Small networks run fastest on one thread, and the test machine's cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_short_training_run_moves_samples_onto_the_ring(one_thread):
-    """1,500 alternating steps (~4 s on one core) of the seed's standard GAN on the 8-Gaussian ring
-    (std 0.05): the samples, first a blob at the centre (mean distance to the nearest mode ~0.85),
-    land near the modes (~0.08 for seeds 0-2; true samples: 0.05 sqrt(pi / 2) = 0.063)."""
-    torch.manual_seed(0)
-    toy = make_toy("ring8", std=0.05)
-    generator = Generator((2,), latent_dim=8, hidden=64, num_layers=2, norm="none", output_activation="none")
-    discriminator = Discriminator((2,), hidden=64, num_layers=2)
-    gan = GANTrainingModule(generator, discriminator, loss="standard")
-    d_optimizer = torch.optim.Adam(discriminator.parameters(), lr=3e-3, betas=(0.0, 0.999))
-    g_optimizer = torch.optim.Adam(generator.parameters(), lr=3e-3, betas=(0.0, 0.999))
-    data = torch.Generator().manual_seed(1)
-
-    def distance() -> float:
-        with torch.no_grad():
-            return mean_distance_to_ring(generator.sample(1000, generator=torch.Generator().manual_seed(2)), toy.modes)
-
-    before = distance()
-    for step in range(1, 1501):
-        terms = train_step(gan, toy.sample(64, data), d_optimizer, g_optimizer, step)
-        if step % 100 == 0:
-            assert all(torch.isfinite(v) for v in terms.values()), step
-    after = distance()
-    assert before > 0.5 and after < before / 5, (before, after)
+    changed = [(moved(a, b, "generator"), moved(a, b, "discriminator")) for a, b in zip(weights, weights[1:])]
+    assert changed == [(False, True), (True, True), (False, True), (True, True)]
+    history = [json.loads(line) for line in (tmp_path / "gan" / "history.jsonl").read_text().splitlines()]
+    assert ["generator_loss" in row for row in history] == [False, True, False, True]
+    assert all("discriminator_loss" in row for row in history)

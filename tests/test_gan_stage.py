@@ -4,12 +4,12 @@ import json
 
 import torch
 
-from stagediff.pipelines.config import parse_run_config
+from stagediff.pipelines.registry import parse_run_config
 from stagediff.pipelines.evaluation import toy_metrics
 from stagediff.pipelines.run import run
 from stagediff.pipelines.stages.gan import GANStage
 
-from conftest import tiny_vae_config
+from helpers import tiny_vae_config
 
 
 def test_toy_gan_alternates_two_optimizers_and_learns_the_ring(tmp_path):

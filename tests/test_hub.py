@@ -20,11 +20,12 @@ from diffusers import AutoencoderKL
 from huggingface_hub import HfApi, ModelCard
 
 from stagediff.pipelines.cli import main
-from stagediff.pipelines.config import ConfigError, parse_run_config
+from stagediff.pipelines.config import ConfigError
+from stagediff.pipelines.registry import parse_run_config
 from stagediff.pipelines.hub import HubError, build_upload_folder, push
 from stagediff.pipelines.run import run
 
-from conftest import tiny_vae_config
+from helpers import tiny_vae_config
 
 REPO_ID = "someone/tiny-ldm"
 PLANTED_TOKEN = "hf_PlantedFakeToken0123456789abcdefXYZ"

@@ -13,7 +13,7 @@ import yaml
 from stagediff.pipelines.cli import main
 from stagediff.pipelines.report import COMPARISON_COLUMNS, fmt
 
-from conftest import tiny_vae_config
+from helpers import tiny_vae_config
 from reliability.helpers import train
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -17,12 +17,13 @@ from stagediff.modules.ddpm import EpsilonPredictionLoss
 from stagediff.modules.metrics import psnr, ssim
 from stagediff.modules.sr import RegressionLoss, downsample, gaussian_blur
 from stagediff.pipelines.cli import main
-from stagediff.pipelines.config import ConfigError, load_config, parse_run_config
+from stagediff.pipelines.config import ConfigError
+from stagediff.pipelines.registry import load_config, parse_run_config
 from stagediff.pipelines.diffusion import SuperResolutionPipeline, fold_scaling_factor
 from stagediff.pipelines.hub import build_upload_folder
 from stagediff.pipelines.run import run
 
-from conftest import tiny_vae_config
+from helpers import tiny_vae_config
 from reliability.helpers import huge_png, train
 
 TINY_UNET = {"block_out_channels": [8, 16], "attention": [False, True], "norm_num_groups": 8,

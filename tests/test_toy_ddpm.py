@@ -5,7 +5,7 @@ from pathlib import Path
 import torch
 from accelerate.state import AcceleratorState
 
-from stagediff.pipelines.config import load_config
+from stagediff.pipelines.registry import load_config
 from stagediff.pipelines.evaluation import toy_metrics
 from stagediff.pipelines.run import run
 from stagediff.pipelines.stages.ddpm import DDPMStage

@@ -11,7 +11,7 @@ from stagediff.pipelines.checkpoint import list_checkpoints, resolve_checkpoint,
 from stagediff.pipelines.run import make_accelerator, run
 from stagediff.pipelines.trainer import NonFiniteLossError
 
-from conftest import tiny_vae_config
+from helpers import tiny_vae_config
 from reliability.helpers import train, with_latent_ddpm
 
 

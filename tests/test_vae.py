@@ -87,8 +87,8 @@ def test_bits_per_dim_convention_gives_8_for_a_uniform_density():
 
 @pytest.fixture(scope="module")
 def trained_vae(tmp_path_factory):
-    from conftest import tiny_vae_config
-    from stagediff.pipelines.config import parse_run_config
+    from helpers import tiny_vae_config
+    from stagediff.pipelines.registry import parse_run_config
 
     config = parse_run_config(tiny_vae_config(tmp_path_factory.mktemp("vae_run"), max_steps=4, ema_decay=0.9))
     metrics = run(config)["vae"]
@@ -132,8 +132,8 @@ def test_rerun_skips_a_finished_stage(trained_vae, capsys):
 def test_preview_lines_up_a_validation_split_smaller_than_two_rows(tmp_path):
     from PIL import Image
 
-    from conftest import tiny_vae_config
-    from stagediff.pipelines.config import parse_run_config
+    from helpers import tiny_vae_config
+    from stagediff.pipelines.registry import parse_run_config
 
     raw = tiny_vae_config(tmp_path / "run", max_steps=2)
     raw["data"].update(validation_fraction=0.001)  # 5 of the 5,000 digits held out

@@ -1,19 +1,19 @@
-"""What the one training loop needs from a stage kind."""
+"""What the one training loop needs from a stage kind, and what the rest of stagediff asks of it
+(model cards, reports, sampling and evaluation defaults): everything about a family lives on its
+stage class."""
 
 from __future__ import annotations
 
 import abc
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar, Literal, NamedTuple
 
 import torch
 from accelerate import Accelerator
 from torch import nn
 
+from ..config import StageConfig
 from ..data import DataSplits
-
-if TYPE_CHECKING:
-    from ..config import StageConfig
 
 
 def require_positive(config, *keys: str) -> None:
@@ -21,6 +21,16 @@ def require_positive(config, *keys: str) -> None:
     for key in keys:
         if getattr(config, key) < 1:
             raise ValueError(f"{key}: {getattr(config, key)!r} is not valid; expected an integer >= 1")
+
+
+class Likelihood(NamedTuple):
+    """A family's answer to "what is ln p(x)?" for a trained stage: `kind` "exact", "bound" or
+    "none", and the measured `value` of the quantity `name` in `unit` (None when not evaluated)."""
+
+    kind: Literal["exact", "bound", "none"]
+    value: float | None = None
+    unit: str = ""
+    name: str = ""
 
 
 class Stage(abc.ABC):
@@ -42,6 +52,27 @@ class Stage(abc.ABC):
     model_config: ClassVar[type]
     accepts_input: ClassVar[bool] = False  # whether `input:` may name an earlier stage
     monitor: ClassVar[str | None]  # the `validate` metric (lower is better) early stopping watches
+
+    # What the family is, for model cards and reports.
+    description: ClassVar[str]  # a phrase: "a DDPM noise predictor trained on the ε-prediction loss"
+    hub_tag: ClassVar[str]
+    hub_pipeline_tag: ClassVar[str] = "unconditional-image-generation"  # for image data
+    # `stagediff evaluate`'s default task: "generation" (samples against the data) or "sr".
+    evaluation_task: ClassVar[Literal["generation", "sr"]] = "generation"
+    # Our classes (not diffusers') that an exported folder of this kind may hold, for import lines.
+    exported_classes: ClassVar[tuple[type, ...]] = ()
+    # Component folders that take no part in sampling (a GAN's discriminator only judges).
+    auxiliary_components: ClassVar[tuple[str, ...]] = ()
+    preview_caption: ClassVar[str] = "samples at the end of training"
+    # The course's (seed's) name of the family, the part that teaches it (III to VI), and its
+    # verdicts on the properties of its table of advantages (+) and drawbacks (−); None for stages
+    # outside the four families.
+    course_name: ClassVar[str | None] = None
+    course_part: ClassVar[int | None] = None
+    course_verdicts: ClassVar[dict[str, str]] = {}
+    # The model card: lines that call the exported pipeline after `pipe = ...from_pretrained(...)`.
+    card_pipeline_call: ClassVar[tuple[str, ...]] = ()
+    card_sample_note: ClassVar[str] = ""  # appended to the card's stagediff sampling snippet
 
     def __init__(self, config: StageConfig, data: DataSplits, input_dir: Path | None = None):
         if input_dir is not None and not self.accepts_input:
@@ -96,3 +127,32 @@ class Stage(abc.ABC):
                sampler: str | None = None, steps: int | None = None) -> torch.Tensor:
         """Images in [-1, 1] (or vectors) from an exported stage folder; `sampler` and `steps`
         choose the sampler where the family has several."""
+
+    # ------------------------------------------------------------------ what reports and cards ask
+
+    @classmethod
+    def likelihood(cls, metrics: dict, space: str) -> Likelihood:
+        """ln p(x) as the family gives it, from a finished stage's metrics."""
+        return Likelihood("none")
+
+    @classmethod
+    def passes_per_sample(cls, block: dict) -> str:
+        """Network passes per sample with the stage's configured sampler (its raw config block)."""
+        return "1"
+
+    @classmethod
+    def hub_tags(cls, space: str) -> list[str]:
+        return [cls.hub_tag]
+
+    @classmethod
+    def card_usage(cls, repo_id: str, space: str) -> str:
+        """The model card's second snippet: samples in data space through stagediff."""
+        shape = "(16, 2) vectors" if space == "vector" else "(16, C, H, W) images in [-1, 1]"
+        lines = ["from pathlib import Path", "", "import torch", "from huggingface_hub import snapshot_download",
+                 "from stagediff.pipelines.registry import get_stage_kind", "",
+                 f'folder = Path(snapshot_download("{repo_id}"))',
+                 f'x = get_stage_kind("{cls.kind}").sample(folder, 16, torch.Generator().manual_seed(0), '
+                 'torch.device("cpu"))',
+                 f"# x: {shape}{cls.card_sample_note}"]
+        return ("Samples in data space (decoded by the VAE for latent stages) with stagediff installed:\n\n"
+                "```python\n" + "\n".join(lines) + "\n```")

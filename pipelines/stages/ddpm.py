@@ -7,7 +7,6 @@ an `MLPDenoiser` plus its scheduler.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -17,10 +16,12 @@ from accelerate import Accelerator
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
 from ...modules.ddpm import EpsilonPredictionLoss, MLPDenoiser
-from ..diffusion import LatentDiffusionPipeline, denoise, make_sampler
-from .base import require_positive
-from .spaces import SPACE_FILE, DataSpaceStage, read_space, to_data_space
-from .vae import load_vae
+from ..diffusion import LatentDiffusionPipeline, denoise, make_sampler, sampler_and_steps
+from ..latents import load_vae
+from ..stage_folder import read_space, write_space
+from .base import Likelihood, require_positive
+from .spaces import DataSpaceStage, to_data_space
+
 
 BETA_SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2"}  # ours -> diffusers' names
 
@@ -69,6 +70,10 @@ class DiffusionConfig:
             up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(self.attention)),
         )
 
+    def passes_per_sample(self) -> str:
+        """Network passes per sample of the sampler that evaluates the stage."""
+        return f"{self.num_inference_steps} ({self.sampler})"
+
     def make_train_scheduler(self, clip_sample: bool = False) -> DDPMScheduler:
         """`clip_sample`: samplers clip their estimate of x_0 to [-1, 1], for data known to lie there
         (pixels; diffusers' DDPMPipeline default), never for latents or vectors."""
@@ -93,6 +98,21 @@ class DDPMStage(DataSpaceStage):
     kind = "ddpm"
     model_config = DDPMModelConfig
     monitor = "val_loss"
+    description = "a DDPM noise predictor trained on the ε-prediction loss"
+    hub_tag = "ddpm"
+    exported_classes = (LatentDiffusionPipeline, MLPDenoiser)
+    course_name = "DDPM"
+    course_part = 5
+    course_verdicts = {
+        "efficient sampling": "−",
+        "ln p(x) of a datum": "− lower bound only",
+        "maximum-likelihood training": "− on a bound (ε-loss)",
+        "architecture": "+ free",
+        "size of Z": "− z_t the size of x",
+        "what else the course says": "+ no encoder to learn",
+    }
+    card_pipeline_call = ("images = pipe(batch_size=16).images  # PIL images",)
+    card_sample_note = "; sampler='ddpm' | 'ddim' | 'dpmsolver' and steps=... choose the sampler"
 
     def build_model(self) -> EpsilonPredictionLoss:
         cfg = self.config.model
@@ -128,7 +148,7 @@ class DDPMStage(DataSpaceStage):
         else:
             network.save_pretrained(stage_dir / "unet")
             scheduler.save_pretrained(stage_dir / "scheduler")
-        (stage_dir / SPACE_FILE).write_text(json.dumps({"kind": self.kind, "space": self.data.kind}))
+        write_space(stage_dir, self.kind, self.data.kind)
 
     @classmethod
     @torch.no_grad()
@@ -138,12 +158,23 @@ class DDPMStage(DataSpaceStage):
         network_cls = MLPDenoiser if space == "vector" else UNet2DModel
         network = network_cls.from_pretrained(stage_dir / "unet").to(device).eval()
         train_scheduler = DDPMScheduler.from_pretrained(stage_dir / "scheduler")
-        sampler = sampler or "dpmsolver"
-        steps = None if sampler == "ddpm" and steps is None else (steps or 20)
+        sampler, steps = sampler_and_steps(sampler, steps)
         shape = (num_samples, *_network_sample_shape(network))
         z = denoise(network, make_sampler(sampler, train_scheduler.config), shape, steps, generator, device,
                     progress=True)
         return to_data_space(z, space, stage_dir / "vae")
+
+    @classmethod
+    def likelihood(cls, metrics: dict, space: str) -> Likelihood:
+        return Likelihood("bound")  # not evaluated yet
+
+    @classmethod
+    def passes_per_sample(cls, block: dict) -> str:
+        return cls.model_config(**(block.get("model") or {})).passes_per_sample()
+
+    @classmethod
+    def hub_tags(cls, space: str) -> list[str]:
+        return [cls.hub_tag] + (["latent-diffusion"] if space == "latent" else [])
 
 
 def _network_sample_shape(network) -> tuple[int, ...]:

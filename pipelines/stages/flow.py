@@ -17,8 +17,9 @@ from accelerate import Accelerator
 
 from ...modules.flows import FlowNLLLoss, NormalizingFlow
 from ...modules.likelihood import bits_per_dim, dequantize
-from .base import require_positive
-from .spaces import DataSpaceStage, read_space, to_data_space
+from ..stage_folder import read_space
+from .base import Likelihood, require_positive
+from .spaces import DataSpaceStage, to_data_space
 
 ACTNORM_INIT_EXAMPLES = 256
 
@@ -54,6 +55,19 @@ class FlowStage(DataSpaceStage):
     kind = "flow"
     model_config = FlowModelConfig
     monitor = "val_nll_nats"
+    description = "a normalizing flow (RealNVP/Glow couplings) trained by exact maximum likelihood"
+    hub_tag = "normalizing-flow"
+    exported_classes = (NormalizingFlow,)
+    course_name = "normalizing flow"
+    course_part = 3
+    course_verdicts = {
+        "efficient sampling": "+",
+        "ln p(x) of a datum": "+ exact",
+        "maximum-likelihood training": "+ yes, early stopping on validation NLL",
+        "architecture": "− invertible layers, tractable log-det",
+        "size of Z": "− equal to X",
+        "what else the course says": "− the base distribution's shape is strongly constrained",
+    }
 
     def __init__(self, config, data, input_dir: Path | None = None):
         super().__init__(config, data, input_dir)
@@ -112,3 +126,9 @@ class FlowStage(DataSpaceStage):
                sampler: str | None = None, steps: int | None = None) -> torch.Tensor:
         flow = NormalizingFlow.from_pretrained(stage_dir / "flow").to(device).eval()
         return to_data_space(flow.sample(num_samples, 1.0, generator), read_space(stage_dir), stage_dir / "vae")
+
+    @classmethod
+    def likelihood(cls, metrics: dict, space: str) -> Likelihood:
+        if "val_bits_per_dim" in metrics:
+            return Likelihood("exact", metrics["val_bits_per_dim"], "bits/dim")
+        return Likelihood("exact", metrics.get("val_nll_nats"), "nats per latent" if space == "latent" else "nats per vector")

@@ -16,8 +16,9 @@ import torch
 from accelerate import Accelerator
 
 from ...modules.gan import Discriminator, GANTrainingModule, Generator
+from ..stage_folder import read_space
 from .base import require_positive
-from .spaces import DataSpaceStage, read_space, to_data_space
+from .spaces import DataSpaceStage, to_data_space
 
 
 @dataclass
@@ -48,6 +49,20 @@ class GANModelConfig:
 class GANStage(DataSpaceStage):
     kind = "gan"
     model_config = GANModelConfig
+    description = "a GAN (generator and discriminator) trained on the non-saturating loss"
+    hub_tag = "gan"
+    exported_classes = (Generator, Discriminator)
+    auxiliary_components = ("discriminator",)
+    course_name = "GAN"
+    course_part = 6
+    course_verdicts = {
+        "efficient sampling": "+",
+        "ln p(x) of a datum": "− none",
+        "maximum-likelihood training": "− no: a min-max game",
+        "architecture": "+ free",
+        "size of Z": "+ free",
+        "what else the course says": "− hard to optimize: convergence, mode collapse",
+    }
     monitor = None  # no likelihood to early-stop on
 
     def __init__(self, config, data, input_dir: Path | None = None):

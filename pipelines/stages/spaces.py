@@ -4,20 +4,17 @@
 from __future__ import annotations
 
 import abc
-import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 
 from ..evaluation import generation_metrics
-from ..latents import cached_latents, check_vae_input, decode_latents, sample_posterior
+from ..images import scatter_image
+from ..latents import cached_latents, check_vae_input, decode_latents, load_vae, sample_posterior
+from ..stage_folder import CACHE_DIR, write_space
 from .base import Stage
-from .vae import load_vae
-
-SPACE_FILE = "stagediff.json"
 
 
 class DataSpaceStage(Stage):
@@ -38,7 +35,7 @@ class DataSpaceStage(Stage):
 
     def setup(self, accelerator: Accelerator, stage_dir: Path) -> None:
         if self.vae_dir is not None:
-            self.data = cached_latents(self.vae_dir, self.data, self.config.model.latents, stage_dir / "cache",
+            self.data = cached_latents(self.vae_dir, self.data, self.config.model.latents, stage_dir / CACHE_DIR,
                                        accelerator)
 
     def training_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -85,11 +82,7 @@ class DataSpaceStage(Stage):
         """Record the space (and copy the VAE for latents) so `sample` needs only the folder."""
         if self.vae_dir is not None:
             load_vae(self.vae_dir, "cpu").save_pretrained(stage_dir / "vae")
-        (stage_dir / SPACE_FILE).write_text(json.dumps({"kind": self.kind, "space": self.data.kind}))
-
-
-def read_space(stage_dir: Path) -> str:
-    return json.loads((stage_dir / SPACE_FILE).read_text())["space"]
+        write_space(stage_dir, self.kind, self.data.kind)
 
 
 def to_data_space(samples: torch.Tensor, space: str, vae_dir: Path | None) -> torch.Tensor:
@@ -97,13 +90,3 @@ def to_data_space(samples: torch.Tensor, space: str, vae_dir: Path | None) -> to
     if space == "latent":
         return decode_latents(vae_dir, samples)
     return samples.clamp(-1, 1) if space == "image" else samples
-
-
-def scatter_image(points: torch.Tensor, size: int = 256, extent: float | None = None) -> torch.Tensor:
-    """A (1, 1, size, size) image in [-1, 1] of a 2D point cloud (log-scaled counts), for previews."""
-    points = points.detach().float().cpu().numpy()
-    extent = extent or float(np.abs(points).max()) * 1.1 + 1e-6
-    counts, _, _ = np.histogram2d(points[:, 1], points[:, 0], bins=size, range=[[-extent, extent]] * 2)
-    image = np.log1p(counts[::-1].copy())
-    image = image / max(image.max(), 1e-6)
-    return torch.from_numpy(1 - 2 * image).float()[None, None]

@@ -11,7 +11,6 @@ against. Exports a `SuperResolutionPipeline`.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -24,10 +23,11 @@ from ...modules.sr import RegressionLoss, add_noise, downsample, resize
 from ..data import DataSplits, InMemoryDataset
 from ..diffusion import SuperResolutionPipeline, fold_scaling_factor, make_sampler, super_resolve
 from ..evaluation import super_resolution_metrics
-from ..latents import sample_posterior
+from ..latents import load_vae, sample_posterior
+from ..stage_folder import write_space
 from .ddpm import DiffusionConfig
-from .spaces import SPACE_FILE, DataSpaceStage
-from .vae import load_vae
+from .spaces import DataSpaceStage
+
 
 
 @dataclass
@@ -55,6 +55,15 @@ class SRStage(DataSpaceStage):
     kind = "sr"
     model_config = SRModelConfig
     monitor = "val_loss"
+    description = ("a super-resolution model: a UNet conditioned on the low-resolution image, trained on the "
+                   "conditional ε-prediction loss (or, with `objective: regression`, the L2 regressor)")
+    hub_tag = "super-resolution"
+    hub_pipeline_tag = "image-to-image"
+    evaluation_task = "sr"
+    exported_classes = (SuperResolutionPipeline,)
+    preview_caption = "low-resolution input, samples, ground truth"
+    card_pipeline_call = ("from PIL import Image",
+                          'high_res = pipe(Image.open("low_res.png"), num_inference_steps=20).images[0]')
 
     def __init__(self, config, data: DataSplits, input_dir: Path | None = None):
         if data.kind != "image":
@@ -156,10 +165,19 @@ class SRStage(DataSpaceStage):
         vae = fold_scaling_factor(load_vae(self.vae_dir, "cpu")) if self.vae_dir is not None else None
         scheduler = cfg.make_train_scheduler() if cfg.objective == "regression" else model.scheduler
         SuperResolutionPipeline(model.network, scheduler, vae, cfg.scale, cfg.objective).save_pretrained(stage_dir)
-        (stage_dir / SPACE_FILE).write_text(json.dumps({"kind": self.kind, "space": self.data.kind}))
+        write_space(stage_dir, self.kind, self.data.kind)
 
     @classmethod
     def sample(cls, stage_dir: Path, num_samples: int, generator: torch.Generator, device: torch.device,
                sampler: str | None = None, steps: int | None = None) -> torch.Tensor:
         raise ValueError(f"{stage_dir} is a super-resolution model: it turns low-resolution images into "
                          f"high-resolution ones; run `stagediff super-resolve INPUTS --model {stage_dir}`")
+
+    @classmethod
+    def passes_per_sample(cls, block: dict) -> str:
+        cfg = cls.model_config(**(block.get("model") or {}))
+        return "1" if cfg.objective == "regression" else cfg.passes_per_sample()
+
+    @classmethod
+    def card_usage(cls, repo_id: str, space: str) -> str:
+        return f"Or, with stagediff installed: `stagediff super-resolve INPUTS --model {repo_id} --out DIR`."

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from diffusers import AutoencoderKL
 from einops import rearrange
 
 from ...modules.likelihood import bits_per_dim, dequantize
 from ...modules.vae import GaussianVAE, make_autoencoder
-from .base import Stage, require_positive
+from ..latents import decode_prior, load_vae
+from .base import Likelihood, Stage, require_positive
 
 
 @dataclass
@@ -51,6 +51,21 @@ class VAEStage(Stage):
     kind = "vae"
     model_config = VAEModelConfig
     monitor = "neg_elbo_nats"
+    description = ("a variational autoencoder (`AutoencoderKL`) trained on the ELBO; it samples by decoding "
+                   "z ~ N(0, I)")
+    hub_tag = "vae"
+    preview_caption = ("top: validation images and their reconstructions, in pairs of rows; "
+                       "bottom: decoded prior samples")
+    course_name = "VAE"
+    course_part = 4
+    course_verdicts = {
+        "efficient sampling": "+ one decoder pass per sample",
+        "ln p(x) of a datum": "− lower bound only",
+        "maximum-likelihood training": "− on the ELBO",
+        "architecture": "+ free",
+        "size of Z": "+ free",
+        "what else the course says": "− diagonal Gaussian conditionals",
+    }
 
     def __init__(self, config, data, input_dir=None):
         super().__init__(config, data, input_dir)
@@ -133,18 +148,11 @@ class VAEStage(Stage):
                sampler: str | None = None, steps: int | None = None) -> torch.Tensor:
         return decode_prior(load_vae(stage_dir / "vae", device), num_samples, generator, device)
 
+    @classmethod
+    def likelihood(cls, metrics: dict, space: str) -> Likelihood:
+        return Likelihood("bound", metrics.get("neg_elbo_bits_per_dim"), "bits/dim", "−ELBO")
 
-def load_vae(vae_dir: Path, device) -> AutoencoderKL:
-    return AutoencoderKL.from_pretrained(vae_dir).to(device).eval()
-
-
-@torch.no_grad()
-def decode_prior(autoencoder: AutoencoderKL, num_samples: int, generator: torch.Generator | None,
-                  device: torch.device) -> torch.Tensor:
-    """x_hat(z) for z ~ N(0, I): the VAE's own generative model (mean of p(x|z))."""
-    cfg = autoencoder.config
-    size = cfg.sample_size // 2 ** (len(cfg.block_out_channels) - 1)
-    shape = (num_samples, cfg.latent_channels, size, size)
-    z = torch.randn(shape, generator=generator, device=generator.device if generator else device).to(device)
-    return autoencoder.decode(z).sample.clamp(-1, 1)
+    @classmethod
+    def passes_per_sample(cls, block: dict) -> str:
+        return "1 (decoder)"
 

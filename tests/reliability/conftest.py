@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from conftest import tiny_vae_config
+from helpers import tiny_vae_config
 
 from .helpers import train
 

@@ -20,7 +20,7 @@ from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
 from stagediff.pipelines.checkpoint import CHECKPOINT_PATTERN
-from stagediff.pipelines.config import parse_run_config
+from stagediff.pipelines.registry import parse_run_config
 from stagediff.pipelines.run import run
 
 # Planted in the environment of every training run here; it must never reach a file or a log.

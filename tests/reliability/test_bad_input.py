@@ -12,12 +12,12 @@ import yaml
 from PIL import Image
 
 from stagediff.pipelines.cli import main
-from stagediff.pipelines.config import parse_run_config
+from stagediff.pipelines.registry import parse_run_config
 from stagediff.pipelines.data import BadImageError, DataConfig, DataSplits, load_data, read_image
 from stagediff.pipelines.latents import check_vae_input, decode_latents
 from stagediff.pipelines.run import is_stage_done
 
-from conftest import tiny_vae_config
+from helpers import tiny_vae_config
 
 from .helpers import huge_png, snapshot, toy_ddpm_config, train, write_config
 

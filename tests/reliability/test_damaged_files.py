@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from stagediff.pipelines.checkpoint import CorruptCheckpointError, resolve_checkpoint
 from stagediff.pipelines.cli import main
-from stagediff.pipelines.config import parse_run_config
+from stagediff.pipelines.registry import parse_run_config
 from stagediff.pipelines.data import DataConfig, load_data
 from stagediff.pipelines.latents import cache_key, cached_latents
 

@@ -12,7 +12,7 @@ from accelerate import Accelerator
 
 from stagediff.pipelines import latents
 from stagediff.pipelines.checkpoint import list_checkpoints, resolve_checkpoint
-from stagediff.pipelines.config import parse_run_config
+from stagediff.pipelines.registry import parse_run_config
 from stagediff.pipelines.data import load_data
 
 from .helpers import assert_same_weights, exported, snapshot, toy_ddpm_config, train

@@ -13,12 +13,12 @@ import yaml
 from hypothesis import HealthCheck, example, given, settings, strategies as st
 from PIL import Image
 
-from stagediff.pipelines.config import (ConfigError, RunConfig, StageConfig, TrainingConfig, config_to_dict,
-                                        load_config, save_config)
+from stagediff.pipelines.config import ConfigError, RunConfig, StageConfig, TrainingConfig, config_to_dict, save_config
+from stagediff.pipelines.registry import load_config
 from stagediff.pipelines.data import BadImageError, DataConfig, read_image
 from stagediff.pipelines.registry import STAGE_KINDS
 
-from conftest import tiny_vae_config
+from helpers import tiny_vae_config
 
 from .helpers import toy_ddpm_config, with_latent_ddpm
 

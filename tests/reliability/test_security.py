@@ -13,7 +13,7 @@ from PIL import Image
 
 from stagediff.pipelines.cli import main
 
-from conftest import tiny_vae_config
+from helpers import tiny_vae_config
 
 from .helpers import FAKE_TOKEN, files_containing, snapshot, toy_ddpm_config, train, write_config
 

@@ -1,0 +1,70 @@
+"""Samples and scores from an exported stage folder: what `stagediff sample`, `stagediff evaluate`
+and the benchmark call. Sampling needs only the folder (see stage_folder.py), never the training
+code's state; the defaults of the diffusion samplers are `diffusion.sampler_and_steps`'."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from .data import load_data
+from .diffusion import sampler_and_steps
+from .evaluation import generation_metrics
+from .registry import get_stage_kind, parse_run_config
+from .stage_folder import finished_stages, read_run_config, read_space, stage_block, verify_exported_weights
+from .stages.base import Stage
+
+
+def pick_device(device: str | torch.device | None) -> torch.device:
+    """`device` as asked; by default the GPU when there is one."""
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def resolve_stage_dir(path: Path) -> tuple[Path, type[Stage]]:
+    """(stage folder, its stage class) for a stage folder, or for a run folder its last finished
+    stage; the exported weights are first checked against their SHA-256 in done.json."""
+    stage_dir = finished_stages(path)[-1]
+    verify_exported_weights(stage_dir)
+    return stage_dir, get_stage_kind(stage_block(stage_dir)["kind"])
+
+
+def generate(stage_dir: Path, num_samples: int, seed: int, *, sampler: str | None = None, steps: int | None = None,
+             batch_size: int = 256, device: str | torch.device | None = None) -> torch.Tensor:
+    """`num_samples` samples of a finished stage in data space (images in [-1, 1], or vectors), drawn
+    in batches from one generator seeded with `seed`; `sampler` and `steps` as in `sampler_and_steps`."""
+    if num_samples < 1 or batch_size < 1:
+        raise ValueError(f"--n {num_samples} and --batch-size {batch_size}: expected integers >= 1")
+    stage_dir, stage_kind = resolve_stage_dir(stage_dir)
+    device = pick_device(device)
+    generator = torch.Generator(device).manual_seed(seed)
+    return torch.cat([stage_kind.sample(stage_dir, min(batch_size, num_samples - start), generator, device,
+                                        sampler=sampler, steps=steps).cpu()
+                      for start in range(0, num_samples, batch_size)])
+
+
+def evaluate_generation(stage_dir: Path, num_samples: int, seeds: list[int], *, sampler: str | None = None,
+                        steps: int | None = None, batch_size: int = 256,
+                        device: str | torch.device | None = None) -> dict:
+    """Sample `num_samples` per seed and score them against the stage's own data
+    (`evaluation.generation_metrics`, with the FD of the input VAE's prior for latent stages, as at
+    the end of training). Returns {"model_dir", "sampler", "steps", "num_samples", "mean", "per_seed"}:
+    the JSON that `stagediff evaluate --out` writes and model cards read."""
+    stage_dir, _ = resolve_stage_dir(stage_dir)
+    data = load_data(parse_run_config(read_run_config(stage_dir)).data)
+    vae_dir = stage_dir / "vae" if read_space(stage_dir) == "latent" else None
+    device = pick_device(device)
+    runs = []
+    for seed in seeds:
+        started = time.perf_counter()
+        samples = generate(stage_dir, num_samples, seed, sampler=sampler, steps=steps, batch_size=batch_size,
+                           device=device)
+        seconds = (time.perf_counter() - started) / len(samples)
+        runs.append({"seed": seed, "sampling_seconds_per_sample": seconds,
+                     **generation_metrics(samples, data, device, vae_dir)})
+    mean = {key: statistics.fmean(r[key] for r in runs) for key in runs[0] if key != "seed"}
+    sampler, steps = sampler_and_steps(sampler, steps)
+    return {"model_dir": str(stage_dir), "sampler": sampler, "steps": steps, "num_samples": num_samples,
+            "mean": mean, "per_seed": runs}
