@@ -289,6 +289,8 @@ def generation_metrics(samples: Tensor, data: DataSplits, device: torch.device |
     metrics = {**image_metrics(samples, reference, classifier, labels),
                "fd_train_vs_heldout": train_test_floor(data, classifier)}
     if vae_dir is not None:
-        prior = decode_prior(load_vae(vae_dir, device), len(samples), None, device)
+        # A fixed seed: the prior's FD is a property of the VAE, the same for every model trained on it.
+        generator = torch.Generator(device).manual_seed(0)
+        prior = decode_prior(load_vae(vae_dir, device), len(samples), generator, device)
         metrics["fd_vae_prior"] = image_metrics(prior, reference, classifier, labels)["fd"]
     return metrics
