@@ -263,21 +263,19 @@ class GANTrainingModule(nn.Module):
         loss: "standard" (the seed's L' and non-saturating L'') or "hinge".
         r1_gamma: weight gamma of the R1 penalty, added to the discriminator's loss as
             gamma / 2 * E||grad_x l(x)||^2 (Mescheder et al.'s convention); 0 turns it off.
-        n_critic: discriminator steps per generator step (1: the seed's strict alternation); the
-            stage's `phase_due` schedules the generator's steps with it.
+
+    How often each player steps (the seed's strict alternation, or n_critic discriminator steps
+    per generator step) is the loop's schedule: the stage's `phase_due`.
     """
 
     def __init__(self, generator: Generator, discriminator: Discriminator, loss: str = "standard",
-                 r1_gamma: float = 0.0, n_critic: int = 1):
+                 r1_gamma: float = 0.0):
         super().__init__()
         _check_kind(loss)
-        if n_critic < 1:
-            raise ValueError(f"n_critic must be >= 1, got {n_critic}")
         self.generator = generator
         self.discriminator = discriminator
         self.loss_kind = loss
         self.r1_gamma = r1_gamma
-        self.n_critic = n_critic
 
     def discriminator_terms(self, x_real: Tensor) -> dict[str, Tensor]:
         """The seed's L'(phi) on a batch of real data and as many fresh fakes (detached: no

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from accelerate import PartialState
 
-from .benchmark import add_benchmark_arguments, benchmark_command
+from stagediff.benchmarks.cli import add_benchmark_arguments, benchmark_command
+
 from .config import ConfigError
 from .diffusion import SAMPLERS
 from .hub import HubError, push

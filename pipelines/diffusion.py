@@ -50,6 +50,11 @@ def make_sampler(name: str, train_scheduler_config) -> DDPMScheduler:
     if name not in SAMPLERS:
         raise ValueError(f"sampler {name!r} is not known; choose one of {', '.join(SAMPLERS)}")
     options = {"algorithm_type": "sde-dpmsolver++"} if name == "dpmsolver" else {}
+    # The training schedule's timestep spacing, named: a fresh scheduler marks it as a default, so
+    # from_config would give DPM-Solver its own ("linspace"), while the same schedule reloaded from
+    # a stage folder names it ("leading"): training-time evaluation and `stagediff sample` would
+    # then step through other timesteps.
+    options["timestep_spacing"] = train_scheduler_config.get("timestep_spacing", "leading")
     if SAMPLERS[name] is DPMSolverMultistepScheduler and train_scheduler_config.get("clip_sample"):
         options.update(thresholding=True, sample_max_value=train_scheduler_config.get("clip_sample_range", 1.0))
     return SAMPLERS[name].from_config(train_scheduler_config, **options)

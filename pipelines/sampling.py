@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .data import load_data
+from .data import DataSplits, load_data
 from .diffusion import sampler_and_steps
 from .evaluation import generation_metrics
 from .registry import get_stage_kind, parse_run_config
@@ -46,14 +46,15 @@ def generate(stage_dir: Path, num_samples: int, seed: int, *, sampler: str | Non
 
 
 def evaluate_generation(stage_dir: Path, num_samples: int, seeds: list[int], *, sampler: str | None = None,
-                        steps: int | None = None, batch_size: int = 256,
-                        device: str | torch.device | None = None) -> dict:
+                        steps: int | None = None, batch_size: int = 256, device: str | torch.device | None = None,
+                        data: DataSplits | None = None) -> dict:
     """Sample `num_samples` per seed and score them against the stage's own data
     (`evaluation.generation_metrics`, with the FD of the input VAE's prior for latent stages, as at
     the end of training). Returns {"model_dir", "sampler", "steps", "num_samples", "mean", "per_seed"}:
-    the JSON that `stagediff evaluate --out` writes and model cards read."""
+    the JSON that `stagediff evaluate --out` writes and model cards read. `data`: the stage's data,
+    when the caller has loaded it already (default: loaded from the folder's config)."""
     stage_dir, _ = resolve_stage_dir(stage_dir)
-    data = load_data(parse_run_config(read_run_config(stage_dir)).data)
+    data = data or load_data(parse_run_config(read_run_config(stage_dir)).data)
     vae_dir = stage_dir / "vae" if read_space(stage_dir) == "latent" else None
     device = pick_device(device)
     runs = []

@@ -1,4 +1,4 @@
-"""`stagediff benchmark` (pipelines/benchmark.py) on tiny settings: it runs end to end and writes
+"""`stagediff benchmark` (the benchmarks/ package) on tiny settings: it runs end to end and writes
 its report, the compiled path runs, the baseline loop trains, FLOPs match a hand count."""
 
 import json
@@ -8,13 +8,14 @@ import torch
 import torch.nn.functional as F
 import yaml
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
 
-from stagediff.pipelines import benchmark
+from stagediff.benchmarks import cli
+from stagediff.benchmarks.flops import count_flops, matmul_peak
+from stagediff.benchmarks.loops import baseline_loop
 from stagediff.pipelines.config import TrainingConfig
 from stagediff.pipelines.data import InMemoryDataset
-from stagediff.pipelines.run import run
 from stagediff.pipelines.registry import parse_run_config
+from stagediff.pipelines.run import run
 
 TINY = {
     "seed": 0, "log_with": "none",
@@ -40,7 +41,6 @@ def tiny_run(tmp_path):
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(raw))
     run(parse_run_config(raw))
-    AcceleratorState._reset_state(reset_partial_state=True)
     return path
 
 
@@ -48,8 +48,8 @@ def test_the_benchmark_runs_end_to_end_and_writes_its_report(tiny_run, tmp_path,
     out = tmp_path / "report.json"
     threads = torch.get_num_threads()
     try:
-        benchmark.main(["--config", str(tiny_run), *TINY_TIMING, "--precision", "fp32", "--n", "4",
-                        "--compile", "eager", "--out", str(out)])
+        cli.main(["--config", str(tiny_run), *TINY_TIMING, "--precision", "fp32", "--n", "4",
+                  "--compile", "eager", "--out", str(out)])
     finally:
         torch.set_num_threads(threads)
     report = json.loads(out.read_text())
@@ -84,8 +84,8 @@ def test_the_baseline_loop_trains():
             "norm_num_groups": 8, "layers_per_block": 1, "down_block_types": ("DownBlock2D", "DownBlock2D"),
             "up_block_types": ("UpBlock2D", "UpBlock2D")}
     accelerator = Accelerator(cpu=True)
-    out = benchmark.baseline_loop(accelerator, unet, dataset, 8, TrainingConfig(learning_rate=1e-3, ema_decay=0.9),
-                                  num_windows=3, steps=2)
+    out = baseline_loop(accelerator, unet, dataset, 8, TrainingConfig(learning_rate=1e-3, ema_decay=0.9),
+                        num_windows=3, steps=2)
     assert len(out["windows"]) == 3 and all(w > 0 for w in out["windows"])
     assert len(out["losses"]) == 6 and all(torch.isfinite(torch.tensor(out["losses"])))
     assert out["parameter_change_l1"] > 0
@@ -95,25 +95,25 @@ def test_flop_counts_match_a_hand_count():
     batch, cin, cout, size, k = 4, 3, 8, 10, 3
     conv = torch.nn.Conv2d(cin, cout, k, padding=1)
     x = torch.randn(batch, cin, size, size)
-    flops, _ = benchmark.count_flops(lambda: conv(x))
+    flops, _ = count_flops(lambda: conv(x))
     assert flops == 2 * batch * cout * size * size * cin * k * k  # a multiply-add is 2
     linear = torch.nn.Linear(16, 32)
-    flops, _ = benchmark.count_flops(lambda: linear(torch.randn(5, 16)))
+    flops, _ = count_flops(lambda: linear(torch.randn(5, 16)))
     assert flops == 2 * 5 * 16 * 32
     # The CPU attention kernel is counted too: QK^T and AV, 2 * 2 * B * H * L * S * E.
     q, key, v = (torch.randn(2, 4, 16, 8) for _ in range(3))
-    flops, per_op = benchmark.count_flops(lambda: F.scaled_dot_product_attention(q, key, v))
+    flops, per_op = count_flops(lambda: F.scaled_dot_product_attention(q, key, v))
     assert flops == 4 * 2 * 4 * 16 * 16 * 8
     # Backward of a conv: the input and weight gradients, twice the forward.
     x.requires_grad_(True)
-    flops, _ = benchmark.count_flops(lambda: conv(x).sum().backward())
+    flops, _ = count_flops(lambda: conv(x).sum().backward())
     assert flops == 3 * 2 * batch * cout * size * size * cin * k * k
 
 
 def test_the_matmul_peak_is_positive_and_precisions_resolve():
-    peak = benchmark.matmul_peak(torch.device("cpu"), sizes=(128,), repeats=2)
+    peak = matmul_peak(torch.device("cpu"), sizes=(128,), repeats=2)
     assert peak["flop_per_s"] > 0
-    assert benchmark.resolve_precisions("auto", cpu=True) == ["fp32", "bf16"]
-    assert benchmark.resolve_precisions("bf16,fp32", cpu=True) == ["bf16", "fp32"]
+    assert cli.resolve_precisions("auto", cpu=True) == ["fp32", "bf16"]
+    assert cli.resolve_precisions("bf16,fp32", cpu=True) == ["bf16", "fp32"]
     with pytest.raises(ValueError, match="--precision"):
-        benchmark.resolve_precisions("fp8", cpu=True)
+        cli.resolve_precisions("fp8", cpu=True)

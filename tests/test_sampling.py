@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from stagediff.pipelines.cli import main
-from stagediff.pipelines.diffusion import sampler_and_steps
+from diffusers import DDPMScheduler
+
+from stagediff.pipelines.diffusion import SAMPLERS, make_sampler, sampler_and_steps
 from stagediff.pipelines.registry import parse_run_config
 from stagediff.pipelines.run import run
 from stagediff.pipelines.sampling import evaluate_generation, generate, resolve_stage_dir
@@ -73,3 +75,17 @@ def test_evaluate_reports_what_the_stage_reported_after_training(latent_gan_run,
 ])
 def test_the_sampler_defaults_rule(asked, resolved):
     assert sampler_and_steps(*asked) == resolved
+
+
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+def test_a_sampler_steps_through_the_same_timesteps_before_and_after_export(sampler, tmp_path):
+    """Training-time evaluation (a fresh training scheduler) and `stagediff sample` (the scheduler
+    reloaded from the stage folder) must sample the same way."""
+    fresh = DDPMScheduler(num_train_timesteps=1000)
+    fresh.save_pretrained(tmp_path)
+    timesteps = []
+    for config in (fresh.config, DDPMScheduler.from_pretrained(tmp_path).config):
+        scheduler = make_sampler(sampler, config)
+        scheduler.set_timesteps(20)
+        timesteps.append(scheduler.timesteps.tolist())
+    assert timesteps[0] == timesteps[1]

@@ -82,7 +82,7 @@ class GANStage(DataSpaceStage):
         discriminator = Discriminator(sample_shape=shape, hidden=cfg.hidden, num_layers=cfg.num_layers,
                                       base_channels=cfg.base_channels, max_channels=cfg.max_channels,
                                       norm=cfg.discriminator_norm, spectral_norm=cfg.spectral_norm)
-        return GANTrainingModule(generator, discriminator, cfg.loss, cfg.r1_gamma, cfg.n_critic)
+        return GANTrainingModule(generator, discriminator, cfg.loss, cfg.r1_gamma)
 
     def parameter_groups(self, model: GANTrainingModule) -> dict[str, list[torch.nn.Parameter]]:
         return {"discriminator": list(model.discriminator.parameters()),

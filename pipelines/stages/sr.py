@@ -29,7 +29,6 @@ from .ddpm import DiffusionConfig
 from .spaces import DataSpaceStage
 
 
-
 @dataclass
 class SRModelConfig(DiffusionConfig):
     """The `model:` block of a `kind: sr` stage: the UNet and schedule of a DDPM, plus the task."""

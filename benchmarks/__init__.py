@@ -1,0 +1,1 @@
+"""Developer tools that measure stagediff, apart from the library: `stagediff benchmark` (cli.py)."""
