@@ -23,15 +23,15 @@ def pick_device(device: str | torch.device | None) -> torch.device:
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def resolve_stage_dir(path: Path) -> tuple[Path, type[Stage]]:
+def resolve_stage_dir(path: str | Path) -> tuple[Path, type[Stage]]:
     """(stage folder, its stage class) for a stage folder, or for a run folder its last finished
     stage; the exported weights are first checked against their SHA-256 in done.json."""
-    stage_dir = finished_stages(path)[-1]
+    stage_dir = finished_stages(Path(path))[-1]
     verify_exported_weights(stage_dir)
     return stage_dir, get_stage_kind(stage_block(stage_dir)["kind"])
 
 
-def generate(stage_dir: Path, num_samples: int, seed: int, *, sampler: str | None = None, steps: int | None = None,
+def generate(stage_dir: str | Path, num_samples: int, seed: int, *, sampler: str | None = None, steps: int | None = None,
              batch_size: int = 256, device: str | torch.device | None = None) -> torch.Tensor:
     """`num_samples` samples of a finished stage in data space (images in [-1, 1], or vectors), drawn
     in batches from one generator seeded with `seed`; `sampler` and `steps` as in `sampler_and_steps`."""
@@ -45,7 +45,7 @@ def generate(stage_dir: Path, num_samples: int, seed: int, *, sampler: str | Non
                       for start in range(0, num_samples, batch_size)])
 
 
-def evaluate_generation(stage_dir: Path, num_samples: int, seeds: list[int], *, sampler: str | None = None,
+def evaluate_generation(stage_dir: str | Path, num_samples: int, seeds: list[int], *, sampler: str | None = None,
                         steps: int | None = None, batch_size: int = 256, device: str | torch.device | None = None,
                         data: DataSplits | None = None) -> dict:
     """Sample `num_samples` per seed and score them against the stage's own data

@@ -33,7 +33,7 @@ def latent_gan_run(tmp_path_factory):
 
 def test_resolve_stage_dir_takes_a_run_folders_last_stage_and_its_class(latent_gan_run):
     config, _ = latent_gan_run
-    stage_dir, stage_kind = resolve_stage_dir(Path(config.output_dir))
+    stage_dir, stage_kind = resolve_stage_dir(config.output_dir)  # a str will do
     assert stage_dir.name == "latent_gan" and stage_kind is GANStage
 
 
