@@ -24,7 +24,7 @@ from .checkpoint import list_checkpoints
 from .config import DEFAULT_LICENSE, check_repo_id
 from .registry import STAGE_KINDS, get_stage_kind
 from .stage_folder import (CHECKPOINTS_DIR, COMPONENT_CONFIGS, CONFIG_FILE, EVALUATION_FILE, METRICS_FILE,
-                           component_classes, component_parameters, read_run_config, read_space, stage_block)
+                           component_classes, component_parameters, read_run_config, stage_block)
 
 CARD_FILE = "README.md"
 STAGE_FILE_SUFFIXES = (".json", ".yaml", ".png")  # the stage's own files: metrics, config.yaml, samples.png
@@ -83,7 +83,7 @@ def model_card(folder: Path, stage_name: str, repo_id: str, license_id: str | No
     config = read_run_config(folder)
     stage = stage_block(folder, config, stage_name)
     stage_kind = get_stage_kind(stage["kind"])
-    space = read_space(folder)
+    space = stage_kind.space(folder)
     task = stage_kind.hub_pipeline_tag if space != "vector" else None
     data = config["data"]
     metadata = ModelCardData(

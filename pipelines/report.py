@@ -25,7 +25,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from .registry import get_stage_kind  # noqa: E402
 from .stage_folder import (EVALUATION_FILE, METRICS_FILE, SAMPLES_FILE, component_classes,  # noqa: E402
-                           component_parameters, finished_stages, read_history, read_json, read_space, stage_block)
+                           component_parameters, finished_stages, read_history, read_json, stage_block)
 from .stages.base import Stage  # noqa: E402
 
 PAGE = "index.html"
@@ -48,7 +48,7 @@ class StageResult:
 
     @property
     def space(self) -> str:
-        return read_space(self.folder)
+        return self.kind.space(self.folder)
 
     @property
     def label(self) -> str:

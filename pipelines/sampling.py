@@ -14,7 +14,7 @@ from .data import DataSplits, load_data
 from .diffusion import sampler_and_steps
 from .evaluation import generation_metrics
 from .registry import get_stage_kind, parse_run_config
-from .stage_folder import finished_stages, read_run_config, read_space, stage_block, verify_exported_weights
+from .stage_folder import finished_stages, read_run_config, stage_block, verify_exported_weights
 from .stages.base import Stage
 
 
@@ -53,9 +53,9 @@ def evaluate_generation(stage_dir: str | Path, num_samples: int, seeds: list[int
     the end of training). Returns {"model_dir", "sampler", "steps", "num_samples", "mean", "per_seed"}:
     the JSON that `stagediff evaluate --out` writes and model cards read. `data`: the stage's data,
     when the caller has loaded it already (default: loaded from the folder's config)."""
-    stage_dir, _ = resolve_stage_dir(stage_dir)
+    stage_dir, stage_kind = resolve_stage_dir(stage_dir)
     data = data or load_data(parse_run_config(read_run_config(stage_dir)).data)
-    vae_dir = stage_dir / "vae" if read_space(stage_dir) == "latent" else None
+    vae_dir = stage_dir / "vae" if stage_kind.space(stage_dir) == "latent" else None
     device = pick_device(device)
     runs = []
     for seed in seeds:

@@ -63,10 +63,12 @@ def stage_block(stage_dir: Path, config: dict | None = None, name: str | None = 
 
 
 def read_space(stage_dir: Path) -> str:
-    """Where the stage's samples live before decoding: "image", "vector" or "latent" (a VAE stage,
-    which writes no space file, samples images)."""
+    """Where the stage's model lives: "image", "vector" or "latent" (`Stage.space` asks this; a
+    FileNotFoundError naming the file when it is missing)."""
     path = stage_dir / SPACE_FILE
-    return json.loads(path.read_text())["space"] if path.is_file() else "image"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: it says which space the stage's model lives in")
+    return json.loads(path.read_text())["space"]
 
 
 def write_space(stage_dir: Path, kind: str, space: str) -> None:

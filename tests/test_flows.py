@@ -285,7 +285,16 @@ def test_invalid_configurations():
 
 
 def test_maximum_likelihood_on_ring8_is_stable_and_learns():
-    """Hundreds of Adam steps at a high learning rate: every loss finite, validation NLL down."""
+    """Hundreds of Adam steps at a high learning rate: every loss finite, validation NLL down.
+
+    Unclipped, lr 1e-2 made the run chaotic: float rounding alone (ATEN_CPU_CAPABILITY=default vs
+    avx2) moved the final NLL from 0.18 to 0.72, and seeds 0-5 spread over 0.04-1.56. Clipping the
+    gradient norm to 1 keeps the step size bounded early on, where the ActNorm-initialised flow sees
+    its largest gradients: over seeds 0-59 and the default, avx2 and avx512 kernels the final NLL
+    stayed within [-0.16, 0.63] (seed 0: -0.04 default, -0.14 avx2 and avx512), against about 2.15
+    for the Gaussian fit a flow that learns nothing keeps. Every wrong log-determinant tried (a
+    coupling's, ActNorm's or the 1x1 conv's dropped, doubled or of the wrong sign) instead drives
+    the reported NLL far below the true entropy, to -7 ... -22 nats: the lower bound catches it."""
     torch.manual_seed(0)
     toy = make_toy("ring8", std=0.05)
     generator = torch.Generator().manual_seed(0)
@@ -304,14 +313,17 @@ def test_maximum_likelihood_on_ring8_is_stable_and_learns():
         torch.testing.assert_close(out["loss"], out["nll_nats"] / 2)
         optimizer.zero_grad()
         out["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(flow.parameters(), max_norm=1.0)
         optimizer.step()
         schedule.step()
     with torch.no_grad():
-        final_nll = flow.nll(validation).mean().item()  # about 0.07 on the machine that wrote this
+        final_nll = flow.nll(validation).mean().item()  # -0.16 ... 0.63 over seeds and kernel sets
         entropy = -toy.log_prob(validation).mean().item()  # about -1.10 nats
     assert math.isfinite(final_nll)
-    assert final_nll < initial_nll - 1.5, (initial_nll, final_nll, entropy)
-    assert final_nll > entropy - 0.1  # a model cannot beat the true density (up to sampling error)
+    # 1 nat below the Gaussian fit: 0.5 nat above the worst run measured, 1 nat below no learning.
+    assert final_nll < initial_nll - 1.0, (initial_nll, final_nll, entropy)
+    # A model cannot beat the true density (up to sampling error); wrong log-dets land 6+ nats below.
+    assert final_nll > entropy - 0.1, (initial_nll, final_nll, entropy)
     assert torch.isfinite(flow.sample(256)).all()
 
 

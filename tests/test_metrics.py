@@ -84,11 +84,29 @@ def test_fd_of_gaussians_matches_the_closed_form_for_commuting_covariances():
     dim = 6
     rotation, _ = torch.linalg.qr(torch.randn(dim, dim, generator=g, dtype=torch.float64))
     mean_a, mean_b = torch.randn(2, dim, generator=g, dtype=torch.float64)
-    variances_a, variances_b = torch.rand(2, dim, generator=g, dtype=torch.float64) + 0.1
-    variances_b[0] = 0.0  # a singular covariance is allowed
-    cov_a, cov_b = (rotation * variances_a) @ rotation.T, (rotation * variances_b) @ rotation.T
-    expected = closed_form_commuting(mean_a, variances_a, mean_b, variances_b)
-    assert frechet_distance_gaussians(mean_a, cov_a, mean_b, cov_b) == pytest.approx(expected, rel=1e-10)
+    variances_a, regular_b = torch.rand(2, dim, generator=g, dtype=torch.float64) + 0.1
+    singular_b = regular_b.clone()
+    singular_b[0] = 0.0  # a singular covariance is allowed
+    eps = torch.finfo(torch.float64).eps
+    for variances_b in (singular_b, regular_b):
+        cov_a, cov_b = (rotation * variances_a) @ rotation.T, (rotation * variances_b) @ rotation.T
+        expected = closed_form_commuting(mean_a, variances_a, mean_b, variances_b)
+        # The tolerance is a forward-error bound from the conditioning, not one machine's result (LAPACK
+        # builds and CPUs round eigh differently). A symmetric eigensolver is backward stable, error
+        # p eps |A| with p = 4 dim here. sqrt has Frechet derivative 1 / (2 sqrt(lambda_min(A))) at A, so
+        # A^(1/2) errs by p eps |A| / (2 sqrt(lambda_min(A))), M = A^(1/2) B A^(1/2) by p eps |A| |B|
+        # (sqrt(cond A) + 1), and each eigenvalue mu of M by delta = p eps |A| |B| (sqrt(cond A) + 2)
+        # (Weyl). sqrt(mu) then errs by delta / (2 sqrt(mu)), or by sqrt(delta) where mu = 0: B's zero
+        # variance costs sqrt(eps)-sized accuracy. Bounds: 2.8e-7 (8e-9 relative) singular, measured
+        # 2.7e-9 on an AMD EPYC under every ATEN_CPU_CAPABILITY and 1.5e-8 on an Intel Xeon; 3.4e-13
+        # regular, measured 7e-15. A wrong formula is off by O(1).
+        norm_a, norm_b = variances_a.max().item(), variances_b.max().item()
+        delta = 4 * dim * eps * norm_a * norm_b * (math.sqrt(norm_a / variances_a.min().item()) + 2)
+        sqrt_error = sum(delta / (2 * math.sqrt(mu)) if mu > delta else math.sqrt(delta)
+                         for mu in (variances_a * variances_b).tolist())
+        traces = (mean_a - mean_b).square().sum() + variances_a.sum() + variances_b.sum()
+        tolerance = 2 * sqrt_error + dim * eps * traces.item()
+        assert frechet_distance_gaussians(mean_a, cov_a, mean_b, cov_b) == pytest.approx(expected, rel=0, abs=tolerance)
 
 
 def test_fd_of_gaussian_samples_approaches_the_closed_form():

@@ -14,6 +14,7 @@ from torch import nn
 
 from ..config import StageConfig
 from ..data import DataSplits
+from ..stage_folder import read_space
 
 
 def require_positive(config, *keys: str) -> None:
@@ -129,6 +130,11 @@ class Stage(abc.ABC):
         choose the sampler where the family has several."""
 
     # ------------------------------------------------------------------ what reports and cards ask
+
+    @classmethod
+    def space(cls, stage_dir: Path) -> str:
+        """Where an exported stage's model lives: "image", "vector" or "latent"."""
+        return read_space(stage_dir)
 
     @classmethod
     def likelihood(cls, metrics: dict, space: str) -> Likelihood:

@@ -149,6 +149,10 @@ class VAEStage(Stage):
         return decode_prior(load_vae(stage_dir / "vae", device), num_samples, generator, device)
 
     @classmethod
+    def space(cls, stage_dir: Path) -> str:
+        return "image"  # a VAE encodes and decodes images; its folder needs no space file
+
+    @classmethod
     def likelihood(cls, metrics: dict, space: str) -> Likelihood:
         return Likelihood("bound", metrics.get("neg_elbo_bits_per_dim"), "bits/dim", "−ELBO")
 
