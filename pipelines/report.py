@@ -62,7 +62,8 @@ class StageResult:
         """Parameters of the networks that sample: not the family's auxiliary ones (a GAN's
         discriminator), nor a latent stage's VAE (its own stage in the table), which only decodes."""
         skipped = set(self.kind.auxiliary_components) | ({"vae"} if self.space == "latent" else set())
-        return sum(component_parameters(self.folder, sub) for sub in component_classes(self.folder) if sub not in skipped)
+        return sum(component_parameters(self.folder, sub) for sub in component_classes(self.folder)
+                   if sub not in skipped)
 
     def evaluations_per_sample(self) -> str:
         """Network evaluations per sample with the stage's sampler, and the decoder's for latents."""

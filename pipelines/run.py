@@ -24,8 +24,8 @@ from .config import ConfigError, RunConfig, non_default_values, save_config
 from .data import load_data
 from .hub import HubError, push
 from .registry import get_stage_kind, parse_run_config
-from .stage_folder import (CONFIG_FILE, DONE_FILE, METRICS_FILE, SAMPLES_FILE, done_fingerprint, verify_exported_weights,
-                           write_done)
+from .stage_folder import (CONFIG_FILE, DONE_FILE, METRICS_FILE, SAMPLES_FILE, done_fingerprint,
+                           verify_exported_weights, write_done)
 from .stages.base import Stage
 from .trainer import train_stage
 

@@ -31,8 +31,8 @@ def resolve_stage_dir(path: str | Path) -> tuple[Path, type[Stage]]:
     return stage_dir, get_stage_kind(stage_block(stage_dir)["kind"])
 
 
-def generate(stage_dir: str | Path, num_samples: int, seed: int, *, sampler: str | None = None, steps: int | None = None,
-             batch_size: int = 256, device: str | torch.device | None = None) -> torch.Tensor:
+def generate(stage_dir: str | Path, num_samples: int, seed: int, *, sampler: str | None = None,
+             steps: int | None = None, batch_size: int = 256, device: str | torch.device | None = None) -> torch.Tensor:
     """`num_samples` samples of a finished stage in data space (images in [-1, 1], or vectors), drawn
     in batches from one generator seeded with `seed`; `sampler` and `steps` as in `sampler_and_steps`."""
     if num_samples < 1 or batch_size < 1:

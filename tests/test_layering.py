@@ -100,9 +100,9 @@ def test_the_walk_finds_cycles_and_late_imports(tmp_path):
 
 
 @pytest.mark.parametrize("module, forbidden", [
-    ("stagediff.pipelines.config", ["stagediff.pipelines.stages", "stagediff.pipelines.registry", "stagediff.pipelines.hub",
-                                    "stagediff.pipelines.evaluation", "stagediff.pipelines.trainer", "diffusers.pipelines",
-                                    "diffusers.models"]),
+    ("stagediff.pipelines.config", ["stagediff.pipelines.stages", "stagediff.pipelines.registry",
+                                    "stagediff.pipelines.hub", "stagediff.pipelines.evaluation",
+                                    "stagediff.pipelines.trainer", "diffusers.pipelines", "diffusers.models"]),
     ("stagediff.pipelines.evaluation", ["stagediff.pipelines.stages", "stagediff.pipelines.registry"]),
     ("stagediff.pipelines.stage_folder", ["stagediff.pipelines.stages", "stagediff.pipelines.config", "diffusers"]),
 ])

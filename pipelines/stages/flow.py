@@ -131,4 +131,5 @@ class FlowStage(DataSpaceStage):
     def likelihood(cls, metrics: dict, space: str) -> Likelihood:
         if "val_bits_per_dim" in metrics:
             return Likelihood("exact", metrics["val_bits_per_dim"], "bits/dim")
-        return Likelihood("exact", metrics.get("val_nll_nats"), "nats per latent" if space == "latent" else "nats per vector")
+        unit = "nats per latent" if space == "latent" else "nats per vector"
+        return Likelihood("exact", metrics.get("val_nll_nats"), unit)
