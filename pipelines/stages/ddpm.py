@@ -57,9 +57,11 @@ class DiffusionConfig:
         if bad:
             raise ValueError(f"norm_num_groups: {self.norm_num_groups} does not divide the widths {bad}")
         require_positive(self, "num_train_timesteps", "num_inference_steps", "num_eval_samples")
-        if self.num_inference_steps > self.num_train_timesteps:
-            raise ValueError(f"num_inference_steps: {self.num_inference_steps} exceeds num_train_timesteps "
-                             f"{self.num_train_timesteps}")
+        # DPM-Solver's "leading" spacing steps by T // (steps + 1): it needs fewer steps than T.
+        most = self.num_train_timesteps - (self.sampler.startswith("dpmsolver"))
+        if self.num_inference_steps > most:
+            raise ValueError(f"num_inference_steps: {self.num_inference_steps} is not valid; with num_train_timesteps "
+                             f"{self.num_train_timesteps} and sampler {self.sampler} expected at most {most}")
 
     def make_unet(self, size: int, in_channels: int, out_channels: int) -> UNet2DModel:
         return UNet2DModel(

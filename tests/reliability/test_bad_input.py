@@ -54,7 +54,10 @@ def ddpm_block(raw: dict) -> dict:
     (lambda raw: ddpm_block(raw)["training"].update(max_nonfinite_skips=-1),
      r"stages\.ddpm\.training\.max_nonfinite_skips: -1 is not valid; expected an integer >= 0"),
     (lambda raw: ddpm_block(raw)["model"].update(num_inference_steps=60),
-     r"stages\.ddpm\.model\.num_inference_steps: 60 exceeds num_train_timesteps 50"),
+     r"stages\.ddpm\.model\.num_inference_steps: 60 is not valid; with num_train_timesteps 50 and sampler "
+     r"dpmsolver expected at most 49"),
+    (lambda raw: ddpm_block(raw)["model"].update(num_inference_steps=50),  # DPM-Solver would step by 50 // 51 = 0
+     r"stages\.ddpm\.model\.num_inference_steps: 50 is not valid"),
     (lambda raw: ddpm_block(raw).update(name="../escape"),
      r"stages\[0\]\.name: '\.\./escape' is not valid; expected a folder name of letters, digits"),
     (lambda raw: ddpm_block(raw).update(name="nested/stage"), r"stages\[0\]\.name: 'nested/stage' is not valid"),
