@@ -17,6 +17,9 @@ Sources (``data.source``):
 * ``imagefolder``: a local folder of images; subfolders name the class labels.
 * ``hub``: a dataset id for ``datasets.load_dataset`` (needs network or a local cache).
 * ``toy``: 2-D vectors from ``stagediff.modules.toy2d``.
+* ``photos`` (embedded, no network): seeded random square crops of ten real RGB photographs
+  shipped inside the scikit-image and scikit-learn wheels (``PHOTO_FILES``). The split is by
+  photograph: every crop of chelsea and coffee is validation, so no pixel of them is trained on.
 
 Items are deterministic: nothing random happens in ``__getitem__``, so a trainer that
 restores RNG states on resume sees the same data. Random flips happen on the batch,
@@ -26,6 +29,7 @@ in ``augment``.
 from __future__ import annotations
 
 import functools
+import importlib.resources
 import io
 import logging
 import warnings
@@ -43,7 +47,7 @@ from torch.utils.data import Dataset, Subset
 
 logger = logging.getLogger(__name__)
 
-Source = Literal["mnist", "imagefolder", "hub", "toy"]
+Source = Literal["mnist", "imagefolder", "hub", "toy", "photos"]
 Channels = Literal[1, 3, 4]
 Kind = Literal["image", "vector", "latent"]  # latent: cached VAE latents (pipelines/latents.py)
 
@@ -51,6 +55,26 @@ PIL_MODE_FOR_CHANNELS = {1: "L", 3: "RGB", 4: "RGBA"}
 MNIST_PADDING = 2  # 28x28 -> 32x32
 UNLABELLED = -1
 BAD_FILES_NAMED_IN_WARNING = 3
+
+# data.source "photos": name -> (installed package, file inside it). All are RGB and all ship inside
+# the wheels; they are read as files, never through scikit-image's loaders, which download (pooch)
+# any file their wheel lacks. Licences and credits: README "Data".
+PHOTO_FILES = {
+    "astronaut": ("skimage", "data/astronaut.png"),
+    "rocket": ("skimage", "data/rocket.jpg"),
+    "hubble_deep_field": ("skimage", "data/hubble_deep_field.jpg"),
+    "retina": ("skimage", "data/retina.jpg"),
+    "immunohistochemistry": ("skimage", "data/ihc.png"),
+    "stereo_motorcycle": ("skimage", "data/motorcycle_left.png"),  # the left image of the stereo pair
+    "china": ("sklearn.datasets.images", "china.jpg"),
+    "flower": ("sklearn.datasets.images", "flower.jpg"),
+    "chelsea": ("skimage", "data/chelsea.png"),
+    "coffee": ("skimage", "data/coffee.png"),
+}
+HELD_OUT_PHOTOS = ("chelsea", "coffee")  # the validation split and every evaluation; never trained on
+# A crop's side as a fraction of its photo's shorter side, drawn log-uniformly: every octave of
+# scale between a quarter of the photo and the whole of it is equally likely.
+PHOTO_CROP_SIDE = (0.25, 1.0)
 
 
 class BadImageError(ValueError):
@@ -63,7 +87,14 @@ class BadImageError(ValueError):
 
 @dataclass
 class DataConfig:
-    """The YAML block ``data:``."""
+    """The YAML block ``data:``.
+
+    The train/validation split is a ``split_seed``-seeded draw of ``validation_fraction`` of the
+    items, stratified by label, except for ``source: photos``: there the split is by photograph,
+    never by crop. Validation is ``photo_crops`` crops of the held-out photos (``HELD_OUT_PHOTOS``:
+    chelsea and coffee), train is ``photo_crops`` crops of the other eight, ``validation_fraction``
+    is ignored, and ``split_seed`` seeds the crops' sizes and positions.
+    """
 
     source: Source = "mnist"
     train_data_dir: Optional[str] = None  # imagefolder: a local folder, subfolders = class labels
@@ -74,6 +105,7 @@ class DataConfig:
     label_column: Optional[str] = "label"  # absent from the dataset -> unlabelled
     toy: str = "ring8"  # toy: a name from modules/toy2d
     toy_samples: int = 20000
+    photo_crops: int = 1000  # photos: crops drawn for each split (train and validation alike)
     resolution: int = 32
     channels: Channels = 1  # grayscale / RGB / RGBA; images are converted to it
     center_crop: bool = True  # False: plain resize to resolution x resolution
@@ -88,6 +120,7 @@ class DataConfig:
         _require(self.channels in get_args(Channels), "channels", self.channels, "1 (grayscale), 3 (RGB) or 4 (RGBA)")
         _require(_is_positive_int(self.resolution), "resolution", self.resolution, "a positive integer")
         _require(_is_positive_int(self.toy_samples), "toy_samples", self.toy_samples, "a positive integer")
+        _require(_is_positive_int(self.photo_crops), "photo_crops", self.photo_crops, "a positive integer")
         _require(
             isinstance(self.validation_fraction, (int, float)) and 0 < self.validation_fraction < 1,
             "validation_fraction", self.validation_fraction, "a number strictly between 0 and 1",
@@ -139,6 +172,7 @@ class LabelledSamples:
     dataset: Dataset
     labels: Tensor  # int64, shape (N,)
     num_classes: Optional[int]
+    held_out: Optional[Tensor] = None  # bool (N,): a split the source fixes itself (photos); None: a random one
 
 
 # ----------------------------------------------------------------------------- datasets
@@ -164,6 +198,17 @@ class InMemoryDataset(Dataset):
         sample = self.samples[index]
         x = to_model_range(sample) if sample.dtype == torch.uint8 else sample
         return {"x": x, "label": self.labels[index]}
+
+
+class PhotoCrops(InMemoryDataset):
+    """Crops of photographs that remember where they were cut: item i is the square
+    ``boxes[i]`` = (left, top, right, bottom), in pixels, of photo ``photo_names[photos[i]]``."""
+
+    def __init__(self, samples: Tensor, labels: Tensor, photo_names: list[str], photos: Tensor, boxes: Tensor):
+        super().__init__(samples, labels)
+        self.photo_names = photo_names
+        self.photos = photos  # int64 (N,): an index into photo_names
+        self.boxes = boxes  # int64 (N, 4)
 
 
 class HFImageDataset(Dataset):
@@ -254,6 +299,53 @@ def load_toy(cfg: DataConfig) -> LabelledSamples:
     vectors = make_toy(cfg.toy).sample(cfg.toy_samples, generator).float().contiguous()
     labels = torch.full((len(vectors),), UNLABELLED, dtype=torch.long)
     return LabelledSamples(InMemoryDataset(vectors, labels), labels, None)
+
+
+@functools.lru_cache(maxsize=1)
+def _photos() -> dict[str, Image.Image]:
+    """The decoded photographs of PHOTO_FILES (under a second): once per process."""
+    photos = {}
+    for name, (package, file) in PHOTO_FILES.items():
+        path = importlib.resources.files(package).joinpath(file)
+        if not path.is_file():
+            raise FileNotFoundError(f"data.source 'photos': the installed {package} does not ship {file} ({name})")
+        with path.open("rb") as stream, Image.open(stream) as image:
+            photos[name] = image.convert("RGB")  # convert() decodes into a copy that outlives the file
+    return photos
+
+
+def crop_box(size: tuple[int, int], generator: torch.Generator) -> tuple[int, int, int, int]:
+    """A random square (left, top, right, bottom) inside a (width, height) photo, its side a
+    log-uniform fraction of the shorter side within PHOTO_CROP_SIDE."""
+    width, height = size
+    low, high = PHOTO_CROP_SIDE
+    u_side, u_left, u_top = torch.rand(3, generator=generator, dtype=torch.float64).tolist()  # each in [0, 1)
+    side = round(min(width, height) * low * (high / low) ** u_side)
+    left, top = int(u_left * (width - side + 1)), int(u_top * (height - side + 1))
+    return left, top, left + side, top + side
+
+
+def load_photos(cfg: DataConfig) -> LabelledSamples:
+    """``photo_crops`` crops of the training photos, then as many of the held-out ones, each split's
+    crops dealt to its photos in turn; unlabelled (num_classes None): a classifier that tells the
+    eight training photos apart cannot score crops of the two held-out ones."""
+    photos = _photos()
+    names = list(PHOTO_FILES)
+    generator = torch.Generator().manual_seed(cfg.split_seed)
+    images, photo_ids, boxes = [], [], []
+    for held_out in (False, True):
+        split_names = [name for name in names if (name in HELD_OUT_PHOTOS) == held_out]
+        for i in range(cfg.photo_crops):
+            name = split_names[i % len(split_names)]
+            box = crop_box(photos[name].size, generator)
+            images.append(preprocess(photos[name].crop(box), cfg))  # a square crop: the resize alone acts
+            photo_ids.append(names.index(name))
+            boxes.append(box)
+    photo_ids = torch.tensor(photo_ids, dtype=torch.long)
+    labels = torch.full((len(images),), UNLABELLED, dtype=torch.long)
+    dataset = PhotoCrops(torch.stack(images), labels, names, photo_ids, torch.tensor(boxes, dtype=torch.long))
+    held_out_ids = torch.tensor([names.index(name) for name in HELD_OUT_PHOTOS])
+    return LabelledSamples(dataset, labels, None, held_out=torch.isin(photo_ids, held_out_ids))
 
 
 def load_imagefolder(cfg: DataConfig) -> LabelledSamples:
@@ -348,7 +440,28 @@ LOADERS: dict[str, Callable[[DataConfig], LabelledSamples]] = {
     "imagefolder": load_imagefolder,
     "hub": load_hub,
     "toy": load_toy,
+    "photos": load_photos,
 }
+
+
+def describe_data(data: dict) -> str:
+    """A sentence on a data config (raw, as saved in a run's config.yaml) with the source's credits,
+    for model cards."""
+    source = data["source"]
+    if source == "toy":
+        return f"the 2D toy distribution `{data['toy']}` ({data['toy_samples']} samples)"
+    described = {
+        "mnist": "the 5,000 MNIST digits embedded in stagediff (MNIST by Yann LeCun, Corinna Cortes and "
+                 "Christopher J.C. Burges, CC BY-SA 3.0)",
+        "hub": f"the hub dataset [`{data['dataset_name']}`](https://huggingface.co/datasets/{data['dataset_name']}) "
+               f"(split `{data['dataset_split']}`)",
+        "imagefolder": "a local image folder",
+        "photos": f"{data['photo_crops']} crops per split of ten photographs embedded in scikit-image and "
+                  "scikit-learn (credits in stagediff's README), split by photo: chelsea and coffee held out",
+    }[source]
+    limit = f", {data['max_train_samples']} of them (a random, class-balanced draw) for training" \
+        if data.get("max_train_samples") else ""
+    return f"{described}{limit}, as {data['channels']}x{data['resolution']}x{data['resolution']} images in [-1, 1]"
 
 
 # ----------------------------------------------------------------------------- splitting
@@ -374,9 +487,19 @@ def split_indices(labels: Tensor, validation_fraction: float, seed: int) -> tupl
     return shuffled[~in_validation[shuffled]], shuffled[in_validation[shuffled]]
 
 
+def split_held_out(held_out: Tensor, seed: int) -> tuple[Tensor, Tensor]:
+    """The split a source fixes itself: the held-out items are the validation split. Both index
+    lists come back in shuffled order, as in split_indices, so max_train_samples keeps a random subset."""
+    shuffled = torch.randperm(len(held_out), generator=torch.Generator().manual_seed(seed))
+    return shuffled[~held_out[shuffled]], shuffled[held_out[shuffled]]
+
+
 def load_data(cfg: DataConfig) -> DataSplits:
     samples = LOADERS[cfg.source](cfg)
-    train_indices, validation_indices = split_indices(samples.labels, cfg.validation_fraction, cfg.split_seed)
+    if samples.held_out is None:
+        train_indices, validation_indices = split_indices(samples.labels, cfg.validation_fraction, cfg.split_seed)
+    else:
+        train_indices, validation_indices = split_held_out(samples.held_out, cfg.split_seed)
     if cfg.max_train_samples is not None:
         train_indices = train_indices[: cfg.max_train_samples]
     kind: Kind = "vector" if cfg.source == "toy" else "image"
@@ -394,7 +517,8 @@ def load_data(cfg: DataConfig) -> DataSplits:
 
 def describe(cfg: DataConfig, train: int, validation: int, shape: tuple[int, ...], num_classes: Optional[int]) -> str:
     origin = {"mnist": "mnist", "imagefolder": f"imagefolder {cfg.train_data_dir}",
-              "hub": f"hub {cfg.dataset_name}", "toy": f"toy {cfg.toy}"}[cfg.source]
+              "hub": f"hub {cfg.dataset_name}", "toy": f"toy {cfg.toy}",
+              "photos": f"photos (held out: {', '.join(HELD_OUT_PHOTOS)})"}[cfg.source]
     shape_text = "2-d vectors" if len(shape) == 1 else "x".join(map(str, shape))
     classes = ", unlabelled" if num_classes is None else f", {num_classes} classes"
     return f"{origin}: {train} train / {validation} validation, {shape_text}{classes}"

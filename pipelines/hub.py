@@ -22,6 +22,7 @@ from huggingface_hub import HfApi, ModelCard, ModelCardData, get_session, get_to
 
 from .checkpoint import list_checkpoints
 from .config import DEFAULT_LICENSE, check_repo_id
+from .data import describe_data
 from .registry import STAGE_KINDS, get_stage_kind
 from .stage_folder import (CHECKPOINTS_DIR, COMPONENT_CONFIGS, CONFIG_FILE, EVALUATION_FILE, METRICS_FILE,
                            component_classes, component_parameters, read_run_config, stage_block)
@@ -98,7 +99,7 @@ def model_card(folder: Path, stage_name: str, repo_id: str, license_id: str | No
     sections = [
         f"# {repo_id}",
         f"Stage `{stage_name}` of a stagediff run: {stage_kind.description}, {where}. Every network is saved with "
-        f"`save_pretrained` (safetensors + config.json).\n\nData: {_describe_data(data)}.",
+        f"`save_pretrained` (safetensors + config.json).\n\nData: {describe_data(data)}.",
         "## Pipeline\n\n" + _stages_table(config["stages"][: names.index(stage_name) + 1])
         + f"\n\nThis repository holds stage `{stage_name}`:\n\n" + "\n".join(_components(folder)),
         *[f"## Samples\n\n![{p.name}]({p.name})" for p in sorted(folder.glob("*.png"))],
@@ -109,22 +110,6 @@ def model_card(folder: Path, stage_name: str, repo_id: str, license_id: str | No
         f"```yaml\n{(folder / CONFIG_FILE).read_text().strip()}\n```\n\n</details>",
     ]
     return str(ModelCard(f"---\n{metadata.to_yaml()}\n---\n\n" + "\n\n".join(s for s in sections if s) + "\n"))
-
-
-def _describe_data(data: dict) -> str:
-    source = data["source"]
-    if source == "toy":
-        return f"the 2D toy distribution `{data['toy']}` ({data['toy_samples']} samples)"
-    described = {
-        "mnist": "the 5,000 MNIST digits embedded in stagediff (MNIST by Yann LeCun, Corinna Cortes and "
-                 "Christopher J.C. Burges, CC BY-SA 3.0)",
-        "hub": f"the hub dataset [`{data['dataset_name']}`](https://huggingface.co/datasets/{data['dataset_name']}) "
-               f"(split `{data['dataset_split']}`)",
-        "imagefolder": "a local image folder",
-    }[source]
-    limit = f", {data['max_train_samples']} of them (a random, class-balanced draw) for training" \
-        if data.get("max_train_samples") else ""
-    return f"{described}{limit}, as {data['channels']}x{data['resolution']}x{data['resolution']} images in [-1, 1]"
 
 
 def _stages_table(stages: list[dict]) -> str:
