@@ -147,7 +147,9 @@ def test_bad_photo_crops_are_named(bad):
 
 
 def test_a_model_card_describes_the_photos_and_their_held_out_split():
-    from stagediff.pipelines.data import describe_data
+    from stagediff.pipelines.config import config_to_dict
+    from stagediff.pipelines.data import DataConfig, describe_data
 
-    text = describe_data({"source": "photos", "photo_crops": 200, "channels": 3, "resolution": 64})
+    saved = config_to_dict(DataConfig(source="photos", photo_crops=200, channels=3, resolution=64))  # as in config.yaml
+    text = describe_data(saved)
     assert "200 crops" in text and "chelsea and coffee held out" in text and "3x64x64" in text
