@@ -153,3 +153,17 @@ def test_a_model_card_describes_the_photos_and_their_held_out_split():
     saved = config_to_dict(DataConfig(source="photos", photo_crops=200, channels=3, resolution=64))  # as in config.yaml
     text = describe_data(saved)
     assert "200 crops" in text and "chelsea and coffee held out" in text and "3x64x64" in text
+
+
+def test_samples_of_photos_are_scored_by_patch_realism_without_labels():
+    """No classifier can be trained on unlabelled photos: their samples get the SWD of their patches
+    against the held-out photos, where a blurred copy of real crops scores worse than the crops."""
+    from stagediff.modules.sr import downsample, resize
+    from stagediff.pipelines.evaluation import generation_metrics
+
+    splits = load_data(photo_config(resolution=32, photo_crops=64))
+    real = stacked(splits.train)
+    blurred = resize(downsample(real, 4), (32, 32)).clamp(-1, 1)  # bicubic x4 down and up
+    sharp, blurry = generation_metrics(real, splits, "cpu"), generation_metrics(blurred, splits, "cpu")
+    assert set(sharp) == {"swd", "swd_32", "swd_16"} and not {"fd", "classes_covered"} & set(sharp)
+    assert blurry["swd_32"] > 1.5 * sharp["swd_32"], (sharp, blurry)
