@@ -249,6 +249,60 @@ class Discriminator(ModelMixin, ConfigMixin):
         return self.net(x).squeeze(1)
 
 
+class PatchDiscriminator(ModelMixin, ConfigMixin):
+    """PatchGAN (Isola et al. 2017, pix2pix; taming-transformers' `NLayerDiscriminator`, Esser et
+    al. 2021): a logit per overlapping patch of an image rather than one per image, so that it judges
+    local texture and sharpness; the adversarial term of the latent-diffusion autoencoder (Rombach et
+    al. 2022). x (B, C, H, W) -> logits (B, 1, H', W'), H' = floor(H / 2^num_layers) - 2
+    (`logit_map_size`); each patch's logit goes to `discriminator_loss`/`generator_loss` as one datum.
+
+    Layers as in the reference: a 4x4 stride-2 conv + LeakyReLU(0.2); num_layers - 1 more 4x4 stride-2
+    convs, widths doubled up to 8 x base_channels, each + norm + LeakyReLU(0.2); one 4x4 stride-1 conv
+    of the next width + norm + LeakyReLU(0.2); a last 4x4 stride-1 conv to one channel. Conv weights
+    start from N(0, 0.02), as in the reference's `weights_init`. Unlike the reference's batch norm,
+    the norm is group norm (or none), so the real and fake batches' statistics never mix (the same
+    reason as `Discriminator`'s).
+
+    Args:
+        in_channels: the images' channels.
+        base_channels: width of the first conv (the reference's ndf, 64).
+        num_layers: stride-2 convs (the reference's n_layers, 3 at 256x256); each halves the logit
+            map and widens the receptive field (34 pixels with 2, 70 with 3).
+        norm: "group" or "none".
+        norm_num_groups: groups of "group" norm (gcd with the width is used).
+    """
+
+    @register_to_config
+    def __init__(self, in_channels: int = 3, base_channels: int = 64, num_layers: int = 3, norm: str = "group",
+                 norm_num_groups: int = 32):
+        super().__init__()
+        if norm not in ("none", "group"):
+            raise ValueError(f"patch discriminator norm must be 'none' or 'group', got {norm!r}")
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        widths = [base_channels * min(2 ** n, 8) for n in range(num_layers + 1)]
+        bias = norm == "none"  # an affine norm right after a conv makes its bias redundant
+        layers = [nn.Conv2d(in_channels, widths[0], 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
+        for n in range(1, num_layers + 1):
+            stride = 2 if n < num_layers else 1  # resolution halved num_layers times in all
+            layers += [nn.Conv2d(widths[n - 1], widths[n], 4, stride=stride, padding=1, bias=bias),
+                       _norm(norm, widths[n], norm_num_groups, True), nn.LeakyReLU(0.2)]
+        self.net = nn.Sequential(*layers, nn.Conv2d(widths[-1], 1, 4, stride=1, padding=1))
+        for module in self.net.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.normal_(module.weight, 0.0, 0.02)
+
+    @staticmethod
+    def logit_map_size(size: int, num_layers: int) -> int:
+        """Side of the logit map for an input side `size`: each 4x4 stride-2 conv (padding 1) maps
+        s to floor(s / 2), each 4x4 stride-1 conv to s - 1. Below 1, the image is too small."""
+        return size // 2 ** num_layers - 2
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, C, H, W) -> patch logits (B, 1, H', W')."""
+        return self.net(x)
+
+
 # ----------------------------------------------------------------------------------------- training
 
 

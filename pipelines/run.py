@@ -41,7 +41,7 @@ def make_accelerator(config: RunConfig) -> Accelerator:
         log_with = "tensorboard" if importlib.util.find_spec("tensorboard") else "none"
     output_dir = Path(config.output_dir)
     # A stage with several parameter groups (a GAN) leaves one group unused in each phase.
-    several_groups = any(get_stage_kind(s.kind).parameter_groups is not Stage.parameter_groups for s in config.stages)
+    several_groups = any(get_stage_kind(s.kind).several_parameter_groups(s.model) for s in config.stages)
     return Accelerator(
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=several_groups)],
         mixed_precision=resolve_mixed_precision(config.mixed_precision, cpu),

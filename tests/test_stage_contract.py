@@ -132,6 +132,8 @@ def test_builds_and_its_loss_backpropagates_into_every_parameter_group(case, bas
     # The groups split the trainable parameters: none left out, none in two groups.
     assert {id(p) for p in grouped} == {id(p) for p in model.parameters() if p.requires_grad}
     assert len({id(p) for p in grouped}) == len(grouped)
+    # What the Accelerator is told before any stage is built (DDP's find_unused_parameters).
+    assert (len(groups) > 1) == type(stage).several_parameter_groups(stage_config.model)
 
     x = stage.training_input(torch.stack([stage.data.train[i]["x"] for i in range(8)]))
     for name, params in groups.items():

@@ -94,6 +94,12 @@ class Stage(abc.ABC):
         several: forward(x, phase=name) is the loss of group `name`."""
         return {"model": [p for p in model.parameters() if p.requires_grad]}
 
+    @classmethod
+    def several_parameter_groups(cls, model_config) -> bool:
+        """Whether `parameter_groups` gives several groups for this `model:` block: each phase then
+        leaves the other groups' parameters without gradients, which DDP must be told."""
+        return False
+
     def phase_due(self, phase: str, step: int) -> bool:
         """Whether group `phase` steps at (1-based) training step `step` (e.g. a GAN's n_critic)."""
         return True

@@ -84,6 +84,10 @@ class GANStage(DataSpaceStage):
                                       norm=cfg.discriminator_norm, spectral_norm=cfg.spectral_norm)
         return GANTrainingModule(generator, discriminator, cfg.loss, cfg.r1_gamma)
 
+    @classmethod
+    def several_parameter_groups(cls, model_config: GANModelConfig) -> bool:
+        return True
+
     def parameter_groups(self, model: GANTrainingModule) -> dict[str, list[torch.nn.Parameter]]:
         return {"discriminator": list(model.discriminator.parameters()),
                 "generator": list(model.generator.parameters())}

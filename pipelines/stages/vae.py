@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from accelerate import Accelerator
 from einops import rearrange
 
+from ...modules.gan import GAN_LOSSES, PatchDiscriminator
 from ...modules.likelihood import bits_per_dim, dequantize
-from ...modules.vae import GaussianVAE, make_autoencoder
+from ...modules.vae import RECONSTRUCTIONS, AdversarialVAE, GaussianVAE, make_autoencoder
 from ..latents import decode_prior, load_vae
 from .base import Likelihood, Stage, require_positive
 
@@ -29,6 +31,16 @@ class VAEModelConfig:
     # Train and evaluate on uniformly dequantized pixels, so the ELBO bounds a density on
     # continuous data and bits/dim are comparable with flows (modules/likelihood.py).
     dequantize: bool = True
+    # Latent diffusion's autoencoder recipe (modules/vae.py's AdversarialVAE): the training's
+    # reconstruction term ("l1"/"l2" leave sigma_x^2 at decoder_log_var; validation still reports
+    # the Gaussian ELBO), and a patch discriminator whose adaptively weighted term is switched on
+    # after disc_start steps; disc_weight 0 trains without one (one parameter group).
+    reconstruction: Literal["gaussian", "l1", "l2"] = "gaussian"
+    disc_weight: float = 0.0
+    disc_start: int = 0
+    disc_loss: Literal["standard", "hinge"] = "hinge"
+    disc_channels: int = 64  # the patch discriminator's first width (doubled per layer, up to 8x)
+    disc_layers: int = 2  # its stride-2 convs: a 34-pixel receptive field (3: 70)
 
     def __post_init__(self):
         if not self.block_out_channels or any(c < 1 for c in self.block_out_channels):
@@ -41,10 +53,25 @@ class VAEModelConfig:
         require_positive(self, "latent_channels")
         if self.kl_weight < 0:
             raise ValueError(f"kl_weight: {self.kl_weight!r} is not valid; expected a number >= 0")
+        if self.reconstruction not in RECONSTRUCTIONS:
+            raise ValueError(f"reconstruction: {self.reconstruction!r} is not valid; expected one of "
+                             f"{', '.join(RECONSTRUCTIONS)}")
+        if self.disc_weight < 0:
+            raise ValueError(f"disc_weight: {self.disc_weight!r} is not valid; expected a number >= 0 "
+                             "(0: no discriminator)")
+        if self.disc_start < 0:
+            raise ValueError(f"disc_start: {self.disc_start!r} is not valid; expected an integer >= 0")
+        if self.disc_loss not in GAN_LOSSES:
+            raise ValueError(f"disc_loss: {self.disc_loss!r} is not valid; expected one of {', '.join(GAN_LOSSES)}")
+        require_positive(self, "disc_channels", "disc_layers")
 
     @property
     def downsampling_factor(self) -> int:
         return 2 ** (len(self.block_out_channels) - 1)
+
+    @property
+    def adversarial(self) -> bool:
+        return self.disc_weight > 0
 
 
 class VAEStage(Stage):
@@ -77,13 +104,47 @@ class VAEStage(Stage):
             raise ValueError(
                 f"stages.{config.name}.model.block_out_channels: {len(config.model.block_out_channels)} blocks "
                 f"downsample by {factor}, which does not divide the resolution {height}x{width}")
+        if config.model.adversarial:
+            layers = config.model.disc_layers
+            if PatchDiscriminator.logit_map_size(min(height, width), layers) < 1:
+                raise ValueError(f"stages.{config.name}.model.disc_layers: {layers} stride-2 convs leave no patch "
+                                 f"of a {height}x{width} image; expected fewer layers")
+            if config.training.gradient_accumulation_steps != 1:
+                raise ValueError(f"stages.{config.name}.training.gradient_accumulation_steps: a vae stage with a "
+                                 "discriminator (model.disc_weight > 0) steps two optimizers every step; it needs 1")
 
     def build_model(self) -> GaussianVAE:
         cfg = self.config.model
         channels, resolution, _ = self.data.sample_shape
         autoencoder = make_autoencoder(channels, resolution, cfg.block_out_channels, cfg.latent_channels,
                                        cfg.layers_per_block, cfg.norm_num_groups)
-        return GaussianVAE(autoencoder, cfg.decoder_log_var, cfg.learn_decoder_variance, cfg.kl_weight)
+        if not cfg.adversarial:
+            return GaussianVAE(autoencoder, cfg.decoder_log_var, cfg.learn_decoder_variance, cfg.kl_weight,
+                               cfg.reconstruction)
+        discriminator = PatchDiscriminator(in_channels=channels, base_channels=cfg.disc_channels,
+                                           num_layers=cfg.disc_layers)
+        return AdversarialVAE(autoencoder, discriminator, cfg.decoder_log_var, cfg.learn_decoder_variance,
+                              cfg.kl_weight, cfg.reconstruction, cfg.disc_weight, cfg.disc_start, cfg.disc_loss)
+
+    @classmethod
+    def several_parameter_groups(cls, model_config: VAEModelConfig) -> bool:
+        return model_config.adversarial
+
+    def parameter_groups(self, model: GaussianVAE) -> dict[str, list[torch.nn.Parameter]]:
+        """One group without a discriminator; with one, the autoencoder's (with ln sigma_x^2 when
+        learned), then the discriminator's, in taming-transformers' order."""
+        if not self.config.model.adversarial:
+            return super().parameter_groups(model)
+        autoencoder = [p for p in model.parameters() if p.requires_grad]
+        discriminator = list(model.discriminator.parameters())
+        in_discriminator = {id(p) for p in discriminator}
+        return {"autoencoder": [p for p in autoencoder if id(p) not in in_discriminator],
+                "discriminator": discriminator}
+
+    def phase_due(self, phase: str, step: int) -> bool:
+        # The discriminator is idle for the first disc_start steps, as is the adversarial term
+        # (AdversarialVAE counts the same steps).
+        return phase != "discriminator" or step > self.config.model.disc_start
 
     def training_input(self, x: torch.Tensor) -> torch.Tensor:
         return dequantize(x) if self.config.model.dequantize else x
