@@ -6,6 +6,8 @@ from torch.distributions import Independent, MultivariateNormal, Normal, kl_dive
 
 from stagediff.modules.divergences import kl_normal_diag, kl_normal_full, kl_std_normal
 
+pytestmark = pytest.mark.numerics  # every test here checks float results against tolerances
+
 DTYPE = torch.float64
 N_MONTE_CARLO = 200_000
 

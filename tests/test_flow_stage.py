@@ -41,6 +41,7 @@ def test_pixel_flow_trains_validates_and_exports(tmp_path):
     assert samples.shape == (5, 1, 8, 8) and samples.abs().max() <= 1
 
 
+@pytest.mark.numerics
 def test_flow_on_a_toy_density_learns(tmp_path):
     raw = tiny_vae_config(tmp_path / "run")
     raw["data"] = {"source": "toy", "toy": "moons", "toy_samples": 4000}

@@ -33,6 +33,7 @@ def stable_softplus(t: float) -> float:
 # --------------------------------------------------------------------------------------------- losses
 
 
+@pytest.mark.numerics
 def test_standard_losses_are_the_seeds_formulas():
     """With d = sigmoid(logit): L'(phi) = mean(-ln d(x) - ln(1 - d(f(z)))), L''(theta) = mean(-ln d(f(z)))."""
     generator = torch.Generator().manual_seed(0)
@@ -49,6 +50,7 @@ def test_standard_losses_are_the_seeds_formulas():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.numerics
 def test_standard_losses_stay_finite_and_exact_at_extreme_logits(dtype):
     """At logits +-50 a naive ln(1 - sigmoid(50)) is ln(0) (float32 and float64 round sigmoid(50) to 1);
     the softplus form gives the exact value ln(1 + e^50) = 50 + ln(1 + e^-50)."""
@@ -71,6 +73,7 @@ def test_standard_losses_stay_finite_and_exact_at_extreme_logits(dtype):
     torch.testing.assert_close(grad_fake, torch.sigmoid(fake_logits.detach()) / len(logits))
 
 
+@pytest.mark.numerics
 def test_hinge_losses():
     """D: mean relu(1 - l(x)) + mean relu(1 + l(f(z))); G: -mean l(f(z)); by hand."""
     real = torch.tensor([2.0, 0.5, -1.0], dtype=torch.float64)
@@ -127,6 +130,7 @@ def test_non_saturating_gradient_does_not_vanish_when_the_discriminator_is_confi
 # ------------------------------------------------------------------------------------------------ R1
 
 
+@pytest.mark.numerics
 def test_r1_of_a_linear_discriminator_is_its_squared_weight_norm():
     """l(x) = w.x + b: grad_x l = w for every x, so R1 = ||w||^2, and d R1 / d w = 2 w."""
     torch.manual_seed(0)
@@ -141,6 +145,7 @@ def test_r1_of_a_linear_discriminator_is_its_squared_weight_norm():
     assert not x.requires_grad  # the caller's batch is left alone
 
 
+@pytest.mark.numerics
 def test_r1_of_a_quadratic_discriminator_averages_per_sample_gradients():
     """l(x) = x^T A x / 2 with A symmetric: grad_x l = A x, so R1 = mean_i ||A x_i||^2."""
     generator = torch.Generator().manual_seed(0)
@@ -192,6 +197,7 @@ def test_generator_output_activation_and_latent_dim():
         Generator((2,), output_activation="sigmoid")
 
 
+@pytest.mark.numerics
 def test_spectral_norm_bounds_each_layers_spectral_norm():
     """Weights W / sigma_max(W), sigma_max by power iteration (one per training-mode forward): even
     after the raw weights are blown up, a few forward passes bring every layer's norm back to ~1."""
@@ -223,6 +229,7 @@ def tiny_gan(**options) -> GANTrainingModule:
     return GANTrainingModule(generator, discriminator, **options)
 
 
+@pytest.mark.numerics
 def test_discriminator_terms_are_the_seeds_loss_plus_r1():
     gan = tiny_gan(r1_gamma=3.0)
     x = torch.randn(8, 2)

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from stagediff.pipelines.registry import parse_run_config
@@ -12,6 +13,7 @@ from stagediff.pipelines.stages.gan import GANStage
 from helpers import tiny_vae_config
 
 
+@pytest.mark.numerics
 def test_toy_gan_alternates_two_optimizers_and_learns_the_ring(tmp_path):
     raw = tiny_vae_config(tmp_path / "run")
     raw["data"] = {"source": "toy", "toy": "ring8", "toy_samples": 4000}

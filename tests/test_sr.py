@@ -34,6 +34,7 @@ TRAINING = {"max_steps": 3, "batch_size": 16, "log_every": 1}
 # ----------------------------------------------------------------------------- math
 
 
+@pytest.mark.numerics
 def test_downsample_is_bicubic_with_antialiasing_and_checks_divisibility():
     x = torch.rand(2, 3, 16, 12) * 2 - 1
     y = downsample(x, 4)
@@ -48,6 +49,7 @@ def test_downsample_is_bicubic_with_antialiasing_and_checks_divisibility():
         downsample(torch.zeros(1, 1, 10, 12), 4)
 
 
+@pytest.mark.numerics
 def test_blur_preserves_mass_and_smooths():
     x = torch.zeros(1, 1, 15, 15)
     x[..., 7, 7] = 1
@@ -56,6 +58,7 @@ def test_blur_preserves_mass_and_smooths():
     assert blurred.max() < 0.2 and torch.equal(gaussian_blur(x, 0.0), x)
 
 
+@pytest.mark.numerics
 def test_psnr_and_ssim_match_torchmetrics():
     torch.manual_seed(0)
     a = torch.rand(4, 2, 24, 24, dtype=torch.float64) * 2 - 1
@@ -84,6 +87,7 @@ class Recorder(torch.nn.Module):
         return type("Output", (), {"sample": sample[:, : self.out_channels] * 0.5})()
 
 
+@pytest.mark.numerics
 def test_conditional_eps_loss_sees_the_noisy_target_beside_the_condition():
     scheduler = DDPMScheduler(num_train_timesteps=50)
     network = Recorder(out_channels=2)
@@ -100,6 +104,7 @@ def test_conditional_eps_loss_sees_the_noisy_target_beside_the_condition():
     assert loss.item() == pytest.approx((0.5 * zt - eps).pow(2).mean().item(), rel=1e-5)
 
 
+@pytest.mark.numerics
 def test_regression_loss_is_the_l2_error_of_g_of_y():
     network = Recorder(out_channels=1)
     x, y = torch.randn(3, 1, 4, 4), torch.randn(3, 1, 4, 4)
@@ -108,6 +113,7 @@ def test_regression_loss_is_the_l2_error_of_g_of_y():
     assert loss.item() == pytest.approx((0.5 * y - x).pow(2).mean().item(), rel=1e-6)
 
 
+@pytest.mark.numerics
 def test_folding_the_scaling_factor_decodes_scaled_latents_directly():
     vae = AutoencoderKL(in_channels=1, out_channels=1, latent_channels=2, block_out_channels=(8,),
                         norm_num_groups=8, scaling_factor=0.37).eval()

@@ -67,11 +67,13 @@ def _histogram(points: torch.Tensor, bounds: tuple[float, float, float, float]) 
 
 
 @pytest.mark.parametrize("name", NAMES)
+@pytest.mark.numerics
 def test_density_integrates_to_one(grids, name):
     assert grids[name].mass.sum().item() == pytest.approx(1.0, abs=0.02)
 
 
 @pytest.mark.parametrize("name", NAMES)
+@pytest.mark.numerics
 def test_sample_histogram_matches_density(grids, samples, name):
     observed = _histogram(samples[name], make_toy(name).bounds).flatten().double()
     expected = N_SAMPLES * grids[name].bin_mass().flatten()
@@ -88,12 +90,14 @@ def test_sample_histogram_matches_density(grids, samples, name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+@pytest.mark.numerics
 def test_mean_log_prob_of_samples_matches_grid_entropy(grids, samples, name):
     neg_log_prob = -make_toy(name).log_prob(samples[name])  # (n,)
     standard_error = neg_log_prob.std() / math.sqrt(N_SAMPLES)
     assert abs(neg_log_prob.mean() - grids[name].entropy()) < 5 * standard_error + 1e-3
 
 
+@pytest.mark.numerics
 def test_ring8_modes_are_evenly_spaced_on_the_circle():
     angles = torch.arange(8, dtype=torch.float64) * math.pi / 4
     expected = 2.5 * torch.stack([angles.cos(), angles.sin()], dim=-1)
@@ -109,6 +113,7 @@ def test_grid25_modes_are_the_even_lattice():
 
 
 @pytest.mark.parametrize("name", ["ring8", "grid25"])
+@pytest.mark.numerics
 def test_mixture_samples_lie_within_3_std_of_nearest_mode_at_gaussian_rate(name):
     mixture = make_toy(name)
     points = mixture.sample(N_SAMPLES, torch.Generator().manual_seed(1))  # (n, 2)
@@ -119,6 +124,7 @@ def test_mixture_samples_lie_within_3_std_of_nearest_mode_at_gaussian_rate(name)
     assert rate == pytest.approx(expected_rate, abs=5 * math.sqrt(expected_rate * (1 - expected_rate) / N_SAMPLES))
 
 
+@pytest.mark.numerics
 def test_checkerboard_density_is_constant_on_black_squares_and_zero_elsewhere():
     points = torch.tensor([[-3.0, -3.0], [1.0, 1.0], [-1.0, 3.0], [3.5, -0.5], [-1.0, -3.0], [4.5, 0.5], [0.0, 5.0]])
     expected = torch.tensor([-math.log(32)] * 4 + [-math.inf] * 3)
@@ -126,6 +132,7 @@ def test_checkerboard_density_is_constant_on_black_squares_and_zero_elsewhere():
 
 
 @pytest.mark.parametrize("cls", [Moons, SwissRoll])
+@pytest.mark.numerics
 def test_curve_density_quadrature_has_converged(cls):
     points = cls().sample(500, torch.Generator().manual_seed(2)).double()
     coarse, fine = cls().log_prob(points), cls(n_quadrature=4 * 2048).log_prob(points)

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import pytest
 import torch
 from accelerate.state import AcceleratorState
 
@@ -11,6 +12,7 @@ from stagediff.pipelines.run import run
 from stagediff.pipelines.stages.ddpm import DDPMStage
 
 
+@pytest.mark.numerics
 def test_ring8_ddpm_covers_every_mode_with_high_quality(tmp_path):
     # Under a minute of training on 2 CPU cores (about 2,000 steps of a 3-layer MLP).
     config = load_config(Path(__file__).parent.parent / "configs" / "ring8_ddpm.yaml", [f"output_dir={tmp_path}", "log_with=none",
