@@ -5,6 +5,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import pytest
+import torch
 from accelerate.state import AcceleratorState
 
 from stagediff.pipelines.registry import parse_run_config
@@ -24,3 +25,14 @@ def tiny_config(tmp_path):
     def make(**training):
         return parse_run_config(tiny_vae_config(tmp_path / "run", **training))
     return make
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """One intra-op thread for a module of small convolutions and sorts: they gain nothing from
+    more, while on a busy 2-core machine OpenMP barriers across 2 threads made such a file 9x
+    slower (95 s against 11 s). Use it with `pytestmark = pytest.mark.usefixtures("single_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -1,5 +1,12 @@
-"""What the tests share besides fixtures: tiny run configs. Imported as `from helpers import ...`
-(pytest puts tests/ on the path); tests/reliability has its own `reliability.helpers`."""
+"""What the tests share besides fixtures (conftest.py): tiny run configs and data. Imported as
+`from helpers import ...` (pytest puts tests/ on the path); tests/reliability has its own
+`reliability.helpers`."""
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
 
 
 def tiny_vae_config(output_dir, **training) -> dict:
@@ -16,3 +23,16 @@ def tiny_vae_config(output_dir, **training) -> dict:
             "training": {"max_steps": 4, "batch_size": 16, "learning_rate": 1e-3, "log_every": 2, **training},
         }],
     }
+
+
+def noise_image_folder(folder: Path, count: int) -> dict:
+    """The `data:` block of `count` 16x16 grayscale images written to `folder`: noise, smoothed a little."""
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        pixels = rng.integers(0, 256, (8, 8), dtype=np.uint8)
+        Image.fromarray(pixels).resize((16, 16), Image.Resampling.BILINEAR).save(folder / f"{i:02d}.png")
+    return {"source": "imagefolder", "train_data_dir": str(folder), "resolution": 16, "validation_fraction": 0.25}
+
+
+def generator(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)

@@ -18,6 +18,8 @@ from stagediff.pipelines.data import DataConfig, DataSplits, InMemoryDataset, lo
 from stagediff.pipelines.evaluation import (ClassifierRecipe, classifier_cache_key, get_feature_classifier,
                                             image_metrics, image_outputs, toy_metrics, train_test_floor)
 
+from helpers import generator
+
 PAPER_SAMPLE_COUNT = 2500  # VEEGAN / PacGAN
 # A true sample is high quality with probability P(chi^2_2 < 9) = 1 - e^-4.5.
 TRUE_HIGH_QUALITY = 1 - math.exp(-4.5)
@@ -25,18 +27,7 @@ TRUE_HIGH_QUALITY = 1 - math.exp(-4.5)
 HIGH_QUALITY_TOLERANCE = 4 * math.sqrt(TRUE_HIGH_QUALITY * (1 - TRUE_HIGH_QUALITY) / PAPER_SAMPLE_COUNT)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """One intra-op thread: these small convolutions gain nothing from more, while on a busy 2-core
-    machine OpenMP barriers across 2 threads made this file 9x slower (95 s against 11 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def generator(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # ----------------------------------------------------------------------------- mode coverage

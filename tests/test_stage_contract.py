@@ -15,11 +15,9 @@ import dataclasses
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from accelerate.utils import set_seed
-from PIL import Image
 
 from stagediff.modules.sr import downsample
 from stagediff.pipelines.data import load_data
@@ -29,6 +27,7 @@ from stagediff.pipelines.run import make_accelerator
 from stagediff.pipelines.sampling import generate, resolve_stage_dir
 from stagediff.pipelines.stage_folder import CHECKPOINTS_DIR, METRICS_FILE, exported_weights, read_history, read_json
 
+from helpers import noise_image_folder
 from reliability.helpers import copy_run, train
 
 # Small sizes by knob name, for every kind whose model block has that knob.
@@ -53,13 +52,7 @@ CASES = [pytest.param((kind, False), id=kind) for kind in STAGE_KINDS] + [
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> dict:
-    """The `data:` block of 64 16x16 grayscale images: noise, smoothed a little."""
-    folder = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for i in range(64):
-        pixels = rng.integers(0, 256, (8, 8), dtype=np.uint8)
-        Image.fromarray(pixels).resize((16, 16), Image.Resampling.BILINEAR).save(folder / f"{i:02d}.png")
-    return {"source": "imagefolder", "train_data_dir": str(folder), "resolution": 16, "validation_fraction": 0.25}
+    return noise_image_folder(tmp_path_factory.mktemp("images"), 64)
 
 
 def stage_block(kind: str, **training) -> dict:

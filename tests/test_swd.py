@@ -15,21 +15,13 @@ import torch
 from stagediff.modules.metrics import laplacian_pyramid, sliced_wasserstein_distance
 from stagediff.modules.sr import gaussian_blur
 
+from helpers import generator
+
 FLOAT32_ROUNDOFF, FLOAT64_ROUNDOFF = 2.0 ** -24, 2.0 ** -53  # unit round-off u
 ROUNDOFF = {torch.float32: FLOAT32_ROUNDOFF, torch.float64: FLOAT64_ROUNDOFF}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """One intra-op thread: these small convolutions and sorts gain nothing from more on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def generator(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def gamma(n: int, u: float) -> float:

@@ -8,11 +8,9 @@ import json
 import math
 
 import diffusers
-import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL
-from PIL import Image
 from safetensors.torch import load_file
 
 from stagediff.modules.gan import PatchDiscriminator
@@ -23,6 +21,7 @@ from stagediff.pipelines.registry import parse_run_config
 from stagediff.pipelines.stage_folder import exported_weights
 from stagediff.pipelines.stages.vae import VAEStage
 
+from helpers import noise_image_folder
 from reliability.helpers import train
 
 TINY = {"block_out_channels": [8, 16], "latent_channels": 2, "norm_num_groups": 8}
@@ -31,13 +30,7 @@ ADVERSARIAL = {"reconstruction": "l1", "disc_weight": 0.5, "disc_channels": 8, "
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> dict:
-    """The `data:` block of 32 16x16 grayscale images: noise, smoothed a little."""
-    folder = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for i in range(32):
-        pixels = rng.integers(0, 256, (8, 8), dtype=np.uint8)
-        Image.fromarray(pixels).resize((16, 16), Image.Resampling.BILINEAR).save(folder / f"{i:02d}.png")
-    return {"source": "imagefolder", "train_data_dir": str(folder), "resolution": 16, "validation_fraction": 0.25}
+    return noise_image_folder(tmp_path_factory.mktemp("images"), 32)
 
 
 def raw_config(output_dir, images: dict, model: dict | None = None, **training) -> dict:
