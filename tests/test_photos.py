@@ -155,6 +155,7 @@ def test_a_model_card_describes_the_photos_and_their_held_out_split():
     assert "200 crops" in text and "chelsea and coffee held out" in text and "3x64x64" in text
 
 
+@pytest.mark.numerics
 def test_samples_of_photos_are_scored_by_patch_realism_without_labels():
     """No classifier can be trained on unlabelled photos: their samples get the SWD of their patches
     against the held-out photos, where a blurred copy of real crops scores worse than the crops."""

@@ -18,7 +18,7 @@ from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from ...modules.ddpm import EpsilonPredictionLoss, MLPDenoiser
 from ..diffusion import LatentDiffusionPipeline, denoise, make_sampler, sampler_and_steps
 from ..latents import load_vae
-from ..stage_folder import read_space, write_space
+from ..stage_folder import write_space
 from .base import Likelihood, require_positive
 from .spaces import DataSpaceStage, to_data_space
 
@@ -156,7 +156,7 @@ class DDPMStage(DataSpaceStage):
     @torch.no_grad()
     def sample(cls, stage_dir: Path, num_samples: int, generator: torch.Generator, device: torch.device,
                sampler: str | None = None, steps: int | None = None) -> torch.Tensor:
-        space = read_space(stage_dir)
+        space = cls.space(stage_dir)
         network_cls = MLPDenoiser if space == "vector" else UNet2DModel
         network = network_cls.from_pretrained(stage_dir / "unet").to(device).eval()
         train_scheduler = DDPMScheduler.from_pretrained(stage_dir / "scheduler")

@@ -17,7 +17,6 @@ from accelerate import Accelerator
 
 from ...modules.flows import FlowNLLLoss, NormalizingFlow
 from ...modules.likelihood import bits_per_dim, dequantize
-from ..stage_folder import read_space
 from .base import Likelihood, require_positive
 from .spaces import DataSpaceStage, to_data_space
 
@@ -125,7 +124,7 @@ class FlowStage(DataSpaceStage):
     def sample(cls, stage_dir: Path, num_samples: int, generator: torch.Generator, device: torch.device,
                sampler: str | None = None, steps: int | None = None) -> torch.Tensor:
         flow = NormalizingFlow.from_pretrained(stage_dir / "flow").to(device).eval()
-        return to_data_space(flow.sample(num_samples, 1.0, generator), read_space(stage_dir), stage_dir / "vae")
+        return to_data_space(flow.sample(num_samples, 1.0, generator), cls.space(stage_dir), stage_dir / "vae")
 
     @classmethod
     def likelihood(cls, metrics: dict, space: str) -> Likelihood:

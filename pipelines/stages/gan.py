@@ -16,7 +16,6 @@ import torch
 from accelerate import Accelerator
 
 from ...modules.gan import Discriminator, GANTrainingModule, Generator
-from ..stage_folder import read_space
 from .base import require_positive
 from .spaces import DataSpaceStage, to_data_space
 
@@ -121,4 +120,4 @@ class GANStage(DataSpaceStage):
                sampler: str | None = None, steps: int | None = None) -> torch.Tensor:
         network = Generator.from_pretrained(stage_dir / "generator").to(device).eval()
         samples = network.sample(num_samples, generator=generator)  # one forward pass
-        return to_data_space(samples, read_space(stage_dir), stage_dir / "vae")
+        return to_data_space(samples, cls.space(stage_dir), stage_dir / "vae")
