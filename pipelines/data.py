@@ -446,21 +446,24 @@ LOADERS: dict[str, Callable[[DataConfig], LabelledSamples]] = {
 
 def describe_data(data: dict) -> str:
     """A sentence on a data config (raw, as saved in a run's config.yaml) with the source's credits,
-    for model cards."""
+    for model cards. Reads only the keys its source uses: a config saved before a key was added
+    still describes itself."""
     source = data["source"]
     if source == "toy":
         return f"the 2D toy distribution `{data['toy']}` ({data['toy_samples']} samples)"
-    described = {
-        "mnist": "the 5,000 MNIST digits embedded in stagediff (MNIST by Yann LeCun, Corinna Cortes and "
-                 "Christopher J.C. Burges, CC BY-SA 3.0)",
-        "hub": f"the hub dataset [`{data['dataset_name']}`](https://huggingface.co/datasets/{data['dataset_name']}) "
-               f"(split `{data['dataset_split']}`)",
-        "imagefolder": "a local image folder",
-        "photos": f"{data['photo_crops']} crops per split of ten photographs embedded in scikit-image and "
-                  "scikit-learn (credits in stagediff's README), split by photo: chelsea and coffee held out",
-    }[source]
-    limit = f", {data['max_train_samples']} of them (a random, class-balanced draw) for training" \
-        if data.get("max_train_samples") else ""
+    if source == "mnist":
+        described = ("the 5,000 MNIST digits embedded in stagediff (MNIST by Yann LeCun, Corinna Cortes and "
+                     "Christopher J.C. Burges, CC BY-SA 3.0)")
+    elif source == "hub":
+        described = (f"the hub dataset [`{data['dataset_name']}`](https://huggingface.co/datasets/"
+                     f"{data['dataset_name']}) (split `{data['dataset_split']}`)")
+    elif source == "photos":
+        described = (f"{data['photo_crops']} crops per split of ten photographs embedded in scikit-image and "
+                     "scikit-learn (credits in stagediff's README), split by photo: chelsea and coffee held out")
+    else:
+        described = "a local image folder"
+    draw = "a random, class-balanced draw" if source in ("mnist", "imagefolder", "hub") else "a random draw"
+    limit = f", {data['max_train_samples']} of them ({draw}) for training" if data.get("max_train_samples") else ""
     return f"{described}{limit}, as {data['channels']}x{data['resolution']}x{data['resolution']} images in [-1, 1]"
 
 

@@ -168,3 +168,12 @@ def test_samples_of_photos_are_scored_by_patch_realism_without_labels():
     sharp, blurry = generation_metrics(real, splits, "cpu"), generation_metrics(blurred, splits, "cpu")
     assert set(sharp) == {"swd", "swd_32", "swd_16"} and not {"fd", "classes_covered"} & set(sharp)
     assert blurry["swd_32"] > 1.5 * sharp["swd_32"], (sharp, blurry)
+
+
+def test_a_config_saved_before_photo_crops_existed_still_describes_itself():
+    from stagediff.pipelines.config import config_to_dict
+    from stagediff.pipelines.data import DataConfig, describe_data
+
+    saved = config_to_dict(DataConfig(source="mnist", resolution=32))
+    del saved["photo_crops"]  # as in a config.yaml written before the key
+    assert describe_data(saved).startswith("the 5,000 MNIST digits")
