@@ -35,10 +35,15 @@ def generate(stage_dir: str | Path, num_samples: int, seed: int, *, sampler: str
              steps: int | None = None, batch_size: int = 256, device: str | torch.device | None = None) -> torch.Tensor:
     """`num_samples` samples of a finished stage in data space (images in [-1, 1], or vectors), drawn
     in batches from one generator seeded with `seed`; `sampler` and `steps` as in `sampler_and_steps`."""
+    stage_dir, stage_kind = resolve_stage_dir(stage_dir)
+    return _draw(stage_dir, stage_kind, num_samples, seed, sampler, steps, batch_size, pick_device(device))
+
+
+def _draw(stage_dir: Path, stage_kind: type[Stage], num_samples: int, seed: int, sampler: str | None,
+          steps: int | None, batch_size: int, device: torch.device) -> torch.Tensor:
+    """`generate` on a folder already resolved and checked (its weights are hashed once, not per draw)."""
     if num_samples < 1 or batch_size < 1:
         raise ValueError(f"--n {num_samples} and --batch-size {batch_size}: expected integers >= 1")
-    stage_dir, stage_kind = resolve_stage_dir(stage_dir)
-    device = pick_device(device)
     generator = torch.Generator(device).manual_seed(seed)
     return torch.cat([stage_kind.sample(stage_dir, min(batch_size, num_samples - start), generator, device,
                                         sampler=sampler, steps=steps).cpu()
@@ -60,8 +65,7 @@ def evaluate_generation(stage_dir: str | Path, num_samples: int, seeds: list[int
     runs = []
     for seed in seeds:
         started = time.perf_counter()
-        samples = generate(stage_dir, num_samples, seed, sampler=sampler, steps=steps, batch_size=batch_size,
-                           device=device)
+        samples = _draw(stage_dir, stage_kind, num_samples, seed, sampler, steps, batch_size, device)
         seconds = (time.perf_counter() - started) / len(samples)
         runs.append({"seed": seed, "sampling_seconds_per_sample": seconds,
                      **generation_metrics(samples, data, device, vae_dir)})
