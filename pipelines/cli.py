@@ -23,7 +23,7 @@ from .run import run
 from .sampling import evaluate_generation, generate, resolve_stage_dir
 from .stages.base import Stage
 from .study import format_study, parse_variant, seed_study
-from .super_resolve import evaluate_super_resolution, find_regression_baseline, super_resolve_files
+from .super_resolve import DEFAULT_TILE, evaluate_super_resolution, find_regression_baseline, super_resolve_files
 from .trainer import NonFiniteLossError
 
 
@@ -130,15 +130,21 @@ def add_super_resolve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default 20; ddpm: all T)")
     parser.add_argument("--num-samples", type=int, default=1, help="plausible outputs per input (default 1)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=16, help="samples per forward pass")
-    parser.add_argument("--max-input-side", type=int, default=256,
-                        help="longer inputs are first resized down to this many pixels (default 256)")
+    parser.add_argument("--batch-size", type=int, default=16, help="samples (tiled: tiles) per forward pass")
+    parser.add_argument("--tile", type=int, default=DEFAULT_TILE,
+                        help=f"inputs with a longer side run in overlapping tiles of this many input px a side, "
+                             f"so memory does not grow with the input (default {DEFAULT_TILE}; 0: never tile)")
+    parser.add_argument("--tile-overlap", type=int, default=None,
+                        help="input px shared by neighbouring tiles, blended (default: a quarter of --tile)")
+    parser.add_argument("--max-input-side", type=int, default=None,
+                        help="longer inputs are first resized down to this many pixels (default: never)")
     parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
 
 
 def super_resolve_command(args: argparse.Namespace) -> None:
     errors = super_resolve_files(args.inputs, args.model, args.out, args.scale, args.sampler, args.steps,
-                                 args.num_samples, args.seed, args.batch_size, args.max_input_side, args.device)
+                                 args.num_samples, args.seed, args.batch_size, args.max_input_side, args.device,
+                                 args.tile, args.tile_overlap)
     if errors:
         sys.exit(1)
 

@@ -6,6 +6,10 @@ predicts eps, the scheduler steps; the same weights serve every sampler.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, DiffusionPipeline,
@@ -60,15 +64,97 @@ def make_sampler(name: str, train_scheduler_config) -> DDPMScheduler:
     return SAMPLERS[name].from_config(train_scheduler_config, **options)
 
 
+@dataclass(frozen=True)
+class Tiling:
+    """Overlapping square tiles of a canvas (a UNet's input: latents or pixels), in canvas units.
+
+    `tiled` runs a network on the tiles and blends their outputs with a separable ramp window:
+    1 inside a tile, falling linearly over the `overlap` next to each edge, positive everywhere,
+    and normalised by the sum of the windows at each pixel. Where two tiles overlap by `overlap`
+    the windows sum to 1 and the output cross-fades linearly from one tile's output to the
+    other's, so tiles whose outputs differ (zero padding at a tile's edge, GroupNorm statistics
+    taken over the tile) leave a ramp, not a step.
+
+    Args:
+        size: a tile's side (a tile is cut to the canvas where the canvas is smaller).
+        overlap: the least overlap of neighbouring tiles, the length of the cross-fade; 0 gives
+            abutting tiles pasted side by side (a naive tiling, with seams).
+        multiple: tile starts are multiples of this, so that every tile sits on the UNet's
+            downsampling grid (2 ** levels) as it would inside the whole canvas.
+        batch_size: tiles per network call; memory is bounded by this many tiles.
+    """
+
+    size: int
+    overlap: int
+    multiple: int = 1
+    batch_size: int = 16
+
+    def __post_init__(self):
+        if not 0 <= self.overlap < self.size or self.multiple < 1 or self.batch_size < 1:
+            raise ValueError(f"tiling: overlap {self.overlap}, size {self.size}, multiple {self.multiple} and batch "
+                             f"size {self.batch_size} must satisfy 0 <= overlap < size, multiple >= 1, batch size >= 1")
+
+    def starts(self, length: int) -> list[int]:
+        """Tile starts along a side of `length`: every stride, then one tile flush with the end."""
+        if length <= self.size:
+            return [0]
+        stride = max(self.multiple, (self.size - self.overlap) // self.multiple * self.multiple)
+        return list(range(0, length - self.size, stride)) + [length - self.size]
+
+    def window(self, length: int, factor: int = 1) -> torch.Tensor:
+        """(length * factor,) the blend weight along one side of a tile `length` canvas units long,
+        whose output is `factor` times larger (a VAE decoder's)."""
+        position = torch.arange(length * factor, dtype=torch.float32) + 0.5  # pixel centres
+        distance = torch.minimum(position, length * factor - position)  # to the nearer edge, >= 0.5
+        return (distance / (self.overlap * factor)).clamp(max=1) if self.overlap else torch.ones_like(position)
+
+
+def tiled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tiling: Tiling | None,
+          factor: int = 1) -> torch.Tensor:
+    """fn(x) evaluated on overlapping tiles of x and blended (see `Tiling`); fn(x) itself when
+    `tiling` is None. fn maps (N, C, h, w) to (N, C', h * factor, w * factor) float32.
+
+    Output = sum_i w_i * fn(tile_i) / sum_i w_i at every pixel, w_i the tile's window placed at
+    its offset. When one tile covers the canvas the weights cancel and fn runs on x as it is, so
+    tiling a canvas smaller than a tile changes nothing (bit for bit).
+    """
+    if tiling is None:
+        return fn(x)
+    height, width = x.shape[-2:]
+    corners = [(i, j) for i in tiling.starts(height) for j in tiling.starts(width)]
+    if len(corners) == 1:
+        return torch.cat([fn(chunk) for chunk in x.split(tiling.batch_size)])
+    tile_h, tile_w = min(tiling.size, height), min(tiling.size, width)
+    weight = (tiling.window(tile_h, factor)[:, None] * tiling.window(tile_w, factor)).to(x.device)  # (h*f, w*f)
+    out = total = None
+    corners_per_call = max(1, tiling.batch_size // len(x))  # each corner gives one tile per image of x
+    for first in range(0, len(corners), corners_per_call):
+        group = corners[first: first + corners_per_call]
+        tiles = torch.cat([x[..., i: i + tile_h, j: j + tile_w] for i, j in group])  # (len(group) * B, C, h, w)
+        outputs = torch.cat([fn(chunk) for chunk in tiles.split(tiling.batch_size)])
+        if out is None:
+            out = outputs.new_zeros(len(x), outputs.shape[1], height * factor, width * factor)
+            total = torch.zeros_like(out[0, 0])
+        for (i, j), y in zip(group, outputs.split(len(x))):
+            where = (slice(i * factor, (i + tile_h) * factor), slice(j * factor, (j + tile_w) * factor))
+            out[(..., *where)] += y * weight
+            total[where] += weight
+    return out / total
+
+
 @torch.no_grad()
 def denoise(network, scheduler, shape: tuple[int, ...], num_inference_steps: int | None,
             generator: torch.Generator | list[torch.Generator] | None, device: torch.device, progress: bool = False,
-            condition: torch.Tensor | None = None) -> torch.Tensor:
+            condition: torch.Tensor | None = None, tiling: Tiling | None = None) -> torch.Tensor:
     """z_T ~ N(0, I), then for each timestep: eps = eps_theta(z_t, t); z_{t-1} = scheduler.step(...).
 
     A conditional network sees eps_theta([z_t, condition], t) (channel concatenation). A list of
     generators (diffusers' convention) gives each sample its own noise stream, so a sample does
-    not depend on the batch it is drawn in.
+    not depend on the batch it is drawn in. With `tiling`, eps_theta is evaluated on overlapping
+    tiles and blended at every step (MultiDiffusion, Bar-Tal et al. 2023, whose step is the
+    per-pixel weighted average of the tiles' steps; a sampler's step is affine in eps with the
+    same coefficients at every pixel, so blending eps and stepping once is that average), and the
+    scheduler steps the whole canvas with one noise draw: the tiles cannot drift apart.
     """
     steps = num_inference_steps or scheduler.config.num_train_timesteps
     scheduler.set_timesteps(steps, device=device)
@@ -77,7 +163,7 @@ def denoise(network, scheduler, shape: tuple[int, ...], num_inference_steps: int
     dtype = next(network.parameters()).dtype
     for t in tqdm(scheduler.timesteps, disable=not progress, leave=False, desc="sampling"):
         network_input = z if condition is None else torch.cat([z, condition.to(z.dtype)], 1)
-        eps = network(network_input.to(dtype), t).sample.float()
+        eps = tiled(lambda tile, t=t: network(tile.to(dtype), t).sample.float(), network_input, tiling)
         z = scheduler.step(eps, t, z, generator=generator).prev_sample
     return z
 
@@ -87,16 +173,43 @@ def downsampling_factor(vae: AutoencoderKL | None) -> int:
     return 1 if vae is None else 2 ** (len(vae.config.block_out_channels) - 1)
 
 
+def checked_tile_overlap(tile_size: int, tile_overlap: int | None) -> int:
+    """The overlap of tiles `tile_size` input px a side: `tile_overlap`, by default a quarter of the tile."""
+    overlap = tile_size // 4 if tile_overlap is None else tile_overlap
+    if not 0 <= overlap < tile_size:
+        raise ValueError(f"tile size {tile_size} and tile overlap {overlap} (input px) must satisfy "
+                         f"0 <= overlap < tile size")
+    return overlap
+
+
+def canvas_tiling(unet: UNet2DModel, vae: AutoencoderKL | None, scale: int, tile_size: int | None,
+                  tile_overlap: int | None = None, batch_size: int = 16) -> Tiling | None:
+    """`tile_size` and `tile_overlap` in input pixels (Real-ESRGAN's --tile and --tile_pad) -> the
+    tiling of the UNet's canvas, `scale / factor` canvas units per input pixel; None (no tiling)
+    for tile_size None. The tile is rounded down to the UNet's multiple, the overlap up; the
+    overlap defaults to a quarter of the tile."""
+    if tile_size is None:
+        return None
+    tile_overlap = checked_tile_overlap(tile_size, tile_overlap)
+    multiple = 2 ** (len(unet.config.block_out_channels) - 1)
+    per_pixel = scale / downsampling_factor(vae)  # canvas units per input pixel
+    size = max(multiple, int(tile_size * per_pixel) // multiple * multiple)
+    return Tiling(size, min(size - 1, math.ceil(tile_overlap * per_pixel)), multiple, batch_size)
+
+
 @torch.no_grad()
 def super_resolve(unet: UNet2DModel, scheduler, low_res: torch.Tensor, scale: int, objective: str = "diffusion",
                   vae: AutoencoderKL | None = None, num_inference_steps: int | None = 20,
                   generator: torch.Generator | list[torch.Generator] | None = None,
-                  progress: bool = False) -> torch.Tensor:
+                  progress: bool = False, tiling: Tiling | None = None, residual: bool = False) -> torch.Tensor:
     """(B, C, h, w) low-resolution images in [-1, 1] -> (B, C, h * scale, w * scale) in [-1, 1].
 
     The condition is the input resized (bicubic) to the space the UNet works in: the output's
     size in pixel space (SR3), the latent's size with a VAE (latent diffusion's SR model).
-    `objective` "diffusion" samples from p(X | Y); "regression" is the L2 regressor's E[X | Y].
+    `objective` "diffusion" samples from p(X | Y); "regression" is the L2 regressor's E[X | Y]
+    (`residual`: the UNet's output added to the upsampled input, modules/sr.RegressionLoss).
+    `tiling` (in canvas units, see `canvas_tiling`) runs the UNet, and the VAE's decoder, on
+    overlapping tiles, so memory is bounded by the tile size, not the image's.
     """
     height, width = low_res.shape[-2] * scale, low_res.shape[-1] * scale
     factor = downsampling_factor(vae)
@@ -104,13 +217,20 @@ def super_resolve(unet: UNet2DModel, scheduler, low_res: torch.Tensor, scale: in
         raise ValueError(f"output size {height}x{width} is not divisible by the VAE's downsampling factor {factor}")
     condition = resize(low_res.float(), (height // factor, width // factor)).to(unet.device)
     if objective == "regression":
-        x = unet(condition.to(unet.dtype), 0).sample.float()
+        x = tiled(lambda tile: unet(tile.to(unet.dtype), 0).sample.float(), condition, tiling)
+        x = x + condition if residual else x
     else:
         target_channels = unet.config.out_channels
         shape = (len(low_res), target_channels, height // factor, width // factor)
-        x = denoise(unet, scheduler, shape, num_inference_steps, generator, unet.device, progress, condition)
+        x = denoise(unet, scheduler, shape, num_inference_steps, generator, unet.device, progress, condition, tiling)
     if vae is not None:
-        x = vae.decode((x / vae.config.scaling_factor).to(vae.dtype)).sample.float()
+        # The decoder runs on the UNet's latent tiles, blended the same way in pixel space, rather
+        # than through diffusers' `vae.enable_tiling()`: that one takes its tile from the VAE's
+        # config.sample_size, the training resolution (16-64 px in our configs: 8-16 latents; it
+        # raises on a zero stride below 2), not from --tile, and decodes tiles one at a time (2x
+        # slower than one call on a 64x96 latent with a 2-level test VAE, measured).
+        x = tiled(lambda z: vae.decode((z / vae.config.scaling_factor).to(vae.dtype)).sample.float(), x, tiling,
+                  factor)
     return x.clamp(-1, 1)
 
 
@@ -181,15 +301,16 @@ class SuperResolutionPipeline(DiffusionPipeline):
         vqvae: the decoder for latent models (an `AutoencoderKL`), None in pixel space.
         scale: the upscaling factor.
         objective: "diffusion" (sampling) or "regression" (the L2 baseline: one forward pass).
+        residual: regression only: the output is the UNet's plus the bicubic-upsampled input.
     """
 
     _optional_components = ["vqvae"]
 
     def __init__(self, unet: UNet2DModel, scheduler: DDPMScheduler, vqvae: AutoencoderKL | None = None,
-                 scale: int = 4, objective: str = "diffusion"):
+                 scale: int = 4, objective: str = "diffusion", residual: bool = False):
         super().__init__()
         self.register_modules(vqvae=vqvae, unet=unet, scheduler=scheduler)
-        self.register_to_config(scale=scale, objective=objective)
+        self.register_to_config(scale=scale, objective=objective, residual=residual)
 
     @property
     def image_channels(self) -> int:
@@ -198,13 +319,24 @@ class SuperResolutionPipeline(DiffusionPipeline):
 
     @torch.no_grad()
     def __call__(self, image: torch.Tensor | Image.Image, num_inference_steps: int | None = 20,
-                 generator: torch.Generator | list[torch.Generator] | None = None, output_type: str = "pil", return_dict: bool = True):
-        """`image`: a PIL image, or a (B, C, h, w) tensor in [-1, 1]; returns images `scale` times larger."""
+                 generator: torch.Generator | list[torch.Generator] | None = None, output_type: str = "pil",
+                 return_dict: bool = True, tile_size: int | None = None, tile_overlap: int | None = None,
+                 tile_batch_size: int = 16):
+        """`image`: a PIL image, or a (B, C, h, w) tensor in [-1, 1]; returns images `scale` times larger.
+
+        `tile_size` (input pixels; None: the whole image at once) runs the UNet (and a latent
+        model's decoder) on tiles of that many input pixels a side, overlapping by `tile_overlap`
+        (default a quarter of the tile), `tile_batch_size` tiles per call, blended at every step:
+        memory then depends on the tile size, not the image's. A side no longer than the tile is
+        not cut.
+        """
         if isinstance(image, Image.Image):
             image = pil_to_model_range(image.convert("L" if self.image_channels == 1 else "RGB"))
         progress = not getattr(self, "_progress_bar_config", {}).get("disable", False)
+        tiling = canvas_tiling(self.unet, self.vqvae, self.config.scale, tile_size, tile_overlap, tile_batch_size)
         images = super_resolve(self.unet, self.scheduler, image.to(self.device), self.config.scale,
-                               self.config.objective, self.vqvae, num_inference_steps, generator, progress)
+                               self.config.objective, self.vqvae, num_inference_steps, generator, progress, tiling,
+                               self.config.residual)
         if output_type != "pt":
             images = self.numpy_to_pil(((images + 1) / 2).permute(0, 2, 3, 1).cpu().numpy())
         return ImagePipelineOutput(images=images) if return_dict else (images,)

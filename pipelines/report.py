@@ -160,7 +160,7 @@ def likelihood(stage: StageResult) -> str:
 
 
 COMPARISON_COLUMNS = ["run / stage", "family", "space", "parameters", "training s", "likelihood", "FD",
-                      "FD floor", "classes", "class KL", "modes", "% HQ", "sampling s / sample", "evaluations / sample"]
+                      "FD floor", "SWD", "classes", "class KL", "modes", "% HQ", "sampling s / sample", "evaluations / sample"]
 
 
 def comparison_rows(stages: list[StageResult]) -> list[list[str]]:
@@ -172,7 +172,7 @@ def comparison_rows(stages: list[StageResult]) -> list[list[str]]:
         high_quality = s.metric("high_quality_fraction")
         rows.append([s.label, s.kind.kind, SPACE_NAMES.get(s.space, s.space), fmt(s.sampling_parameters()),
                      fmt(s.metrics.get("train_seconds"), 4), likelihood(s), fmt(s.metric("fd")),
-                     fmt(s.metric("fd_train_vs_heldout")), fmt(s.metric("classes_covered")),
+                     fmt(s.metric("fd_train_vs_heldout")), fmt(s.metric("swd")), fmt(s.metric("classes_covered")),
                      fmt(s.metric("class_kl")), fmt(s.metric("modes_covered")),
                      fmt(None if high_quality is None else 100 * high_quality),
                      fmt(s.metric("sampling_seconds_per_sample")), s.evaluations_per_sample()])
@@ -280,7 +280,9 @@ def write_report(run_dirs: list[Path], out: Path) -> Path:
     parts = [f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>stagediff report</title>"
              f"<style>{CSS}</style></head><body><h1>stagediff report</h1>",
              "<p>Runs: " + ", ".join(html.escape(str(Path(p))) for p in run_dirs) + ". FD: Fréchet distance to "
-             "the held-out split in a small classifier's feature space (FD floor: train vs held-out); classes: "
+             "the held-out split in a small classifier's feature space (FD floor: train vs held-out); SWD: sliced "
+             "Wasserstein distance of Laplacian-pyramid patches to the held-out split (x1e3, lower is more "
+             "realistic; needs no labels, so photos have it); classes: "
              "classes with at least 1% of the samples; sampling time and FD as measured at the end of training, "
              "or by <code>stagediff evaluate</code> where its <code>"
              f"{EVALUATION_FILE}</code> is present.</p>"]

@@ -104,3 +104,22 @@ def test_a_folder_saved_before_a_schema_key_existed_is_the_same_run(tmp_path):
     saved["seed"] = 3
     (folder / "config.yaml").write_text(yaml.safe_dump(saved))
     assert "seed is 3 there, 0 here" in other_runs(config)[folder]
+
+
+def test_configs_that_share_an_output_dir_share_their_common_stages():
+    """configs/mnist_ldm_sr.yaml and photos_sr.yaml reuse a finished VAE of mnist_ldm.yaml and
+    photos_ldm.yaml (same output_dir): a stage of the same name must have the same fingerprint in
+    both, or the second config retrains it (and overwrites the first's)."""
+    from stagediff.pipelines.run import stage_fingerprint
+
+    by_output_dir = {}
+    for path in CONFIGS:
+        config = load_config(path)
+        by_output_dir.setdefault(config.output_dir, []).append(config)
+    shared = [configs for configs in by_output_dir.values() if len(configs) > 1]
+    assert len(shared) >= 2, "mnist_ldm + mnist_ldm_sr and photos_ldm + photos_sr share output dirs"
+    for configs in shared:
+        names = set.intersection(*({s.name for s in c.stages} for c in configs))
+        assert names, [str(c.output_dir) for c in configs]
+        for name in names:
+            assert len({stage_fingerprint(c, name) for c in configs}) == 1, (configs[0].output_dir, name)

@@ -15,7 +15,7 @@ from torchmetrics.functional.image import peak_signal_noise_ratio, structural_si
 
 from stagediff.modules.ddpm import EpsilonPredictionLoss
 from stagediff.modules.metrics import psnr, ssim
-from stagediff.modules.sr import RegressionLoss, downsample, gaussian_blur
+from stagediff.modules.sr import RegressionLoss, downsample, gaussian_blur, resize
 from stagediff.pipelines.cli import main
 from stagediff.pipelines.config import ConfigError
 from stagediff.pipelines.registry import load_config, parse_run_config
@@ -111,6 +111,8 @@ def test_regression_loss_is_the_l2_error_of_g_of_y():
     loss = RegressionLoss(network, condition_channels=1)(torch.cat([x, y], 1))["loss"]
     assert torch.equal(network.inputs[0][0], y)
     assert loss.item() == pytest.approx((0.5 * y - x).pow(2).mean().item(), rel=1e-6)
+    residual = RegressionLoss(network, condition_channels=1, residual=True)(torch.cat([x, y], 1))["loss"]
+    assert residual.item() == pytest.approx((1.5 * y - x).pow(2).mean().item(), rel=1e-6)  # x_hat = y + g(y)
 
 
 @pytest.mark.numerics
@@ -134,8 +136,8 @@ def sr_run_config(output_dir):
         # 16x16 -> 8x8x1 latents; x2 inputs are 8x8: latent diffusion's SR layout.
         {"name": "latent_sr", "kind": "sr", "input": "vae", "model": {**TINY_UNET, "scale": 2},
          "training": TRAINING},
-        {"name": "regression", "kind": "sr", "model": {**TINY_UNET, "scale": 4, "objective": "regression"},
-         "training": TRAINING},
+        {"name": "regression", "kind": "sr", "model": {**TINY_UNET, "scale": 4, "objective": "regression",
+                                                      "residual": True}, "training": TRAINING},
         {"name": "pixel_sr", "kind": "sr", "model": {**TINY_UNET, "scale": 4, "blur_sigma": 0.5,
                                                     "condition_noise_std": 0.05}, "training": TRAINING},
     ]
@@ -160,6 +162,14 @@ def test_sr_stages_train_and_report_fidelity(sr_run):
     assert (unet.config.in_channels, unet.config.out_channels, unet.config.sample_size) == (2, 1, 16)
     unet = UNet2DModel.from_pretrained(f"{config.output_dir}/regression/unet")
     assert (unet.config.in_channels, unet.config.out_channels) == (1, 1)
+    # The residual regressor's folder says so: its pipeline adds the upsampled input to the UNet's output.
+    pipeline = SuperResolutionPipeline.from_pretrained(f"{config.output_dir}/regression")
+    assert pipeline.config.residual is True
+    low_res = torch.rand(2, 1, 4, 4) * 2 - 1
+    upsampled = resize(low_res, (16, 16))
+    with torch.no_grad():
+        expected = (upsampled + unet(upsampled, 0).sample).clamp(-1, 1)
+    assert torch.allclose(pipeline(low_res, output_type="pt").images, expected, atol=1e-6)
 
 
 @pytest.mark.parametrize("stage, low_size, high_size", [("latent_sr", 8, 16), ("pixel_sr", 4, 16),
@@ -202,6 +212,12 @@ def test_bad_sr_configs_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match="scale: 1 is not valid"):
         parse_run_config(raw)
     raw["stages"][0]["model"]["scale"] = 2
+    with pytest.raises(ConfigError, match="residual: true is for objective: regression"):
+        parse_run_config({**raw, "stages": [{**raw["stages"][0], "model": {**TINY_UNET, "residual": True}}]})
+    latent = sr_run_config(tmp_path)
+    latent["stages"][1]["model"].update(objective="regression", residual=True)
+    with pytest.raises(ValueError, match=r"stages.latent_sr.model.residual: .* a latent model \(input: vae\)"):
+        run(parse_run_config({**latent, "stages": latent["stages"][:2]}))
     raw["data"] = {"source": "toy", "toy": "ring8"}
     with pytest.raises(ValueError, match="needs image data, not vectors"):
         run(parse_run_config(raw))

@@ -143,6 +143,27 @@ def test_adaptive_weight_is_the_ratio_of_gradient_norms_at_the_decoders_last_lay
     assert adaptive_weight((w ** 2).sum(), 0 * w.sum(), w).item() == 1e4
 
 
+def test_the_discriminator_phase_judges_the_autoencoder_phases_reconstruction_without_a_second_pass():
+    """One autoencoder pass per training step: the discriminator phase scores the reconstruction the
+    autoencoder phase made of the same batch (detached); any other batch gets a fresh one."""
+    from stagediff.modules.gan import discriminator_loss
+
+    model = tiny_model("l1", discriminator=True, disc_weight=0.5).train()
+    decodes = []
+    model.autoencoder.decoder.register_forward_hook(lambda *args: decodes.append(1))
+    x = torch.rand(4, 1, 16, 16, dtype=torch.float64) * 2 - 1
+    torch.manual_seed(3)
+    model(x, phase="autoencoder")
+    (_, x_hat) = model._last_reconstruction
+    assert not x_hat.requires_grad and len(decodes) == 1
+    terms = model(x, phase="discriminator")
+    assert len(decodes) == 1  # no second autoencoder pass
+    expected = discriminator_loss(model.discriminator(x).flatten(), model.discriminator(x_hat).flatten(), "hinge")
+    assert torch.equal(terms["loss"], expected)
+    model(x.clone(), phase="discriminator")  # not the batch the autoencoder saw: a fresh reconstruction
+    assert len(decodes) == 2
+
+
 def test_the_discriminator_is_idle_before_disc_start_and_steps_after(images, tmp_path):
     """The stage's schedule and groups, stepped as the one loop steps them: for disc_start = 2
     steps, no discriminator step and no adversarial term; from step 3, both."""

@@ -39,12 +39,16 @@ class SRModelConfig(DiffusionConfig):
     # Conditioning augmentation (Ho et al., "Cascaded Diffusion Models", 2022): Gaussian noise
     # added to the condition at training time only, so the model does not copy its finest detail.
     condition_noise_std: float = 0.0
+    # objective regression in pixel space: x = bicubic_up(y) + UNet(bicubic_up(y)) (modules/sr.py).
+    residual: bool = False
     num_eval_samples: int = 500
 
     def __post_init__(self):
         super().__post_init__()
         if self.scale < 2:
             raise ValueError(f"scale: {self.scale!r} is not valid; expected an integer >= 2 (e.g. 2 or 4)")
+        if self.residual and self.objective != "regression":
+            raise ValueError(f"residual: true is for objective: regression (the objective is {self.objective!r})")
         for key in ("blur_sigma", "condition_noise_std"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key}: {getattr(self, key)!r} is not valid; expected a number >= 0")
@@ -71,6 +75,9 @@ class SRStage(DataSpaceStage):
         if resolution % config.model.scale:
             raise ValueError(f"stages.{config.name}.model.scale: {config.model.scale} does not divide the data's "
                              f"resolution {resolution}")
+        if config.model.residual and config.input is not None:
+            raise ValueError(f"stages.{config.name}.model.residual: a residual adds the upsampled input to the "
+                             f"output, which a latent model (input: {config.input}) does not produce in pixels")
         super().__init__(config, data, input_dir)
         self.image_channels = data.sample_shape[0]
 
@@ -93,7 +100,8 @@ class SRStage(DataSpaceStage):
         cfg = self.config.model
         channels, size, _ = self.data.sample_shape
         if cfg.objective == "regression":
-            return RegressionLoss(cfg.make_unet(size, self.image_channels, channels), self.image_channels)
+            return RegressionLoss(cfg.make_unet(size, self.image_channels, channels), self.image_channels,
+                                  cfg.residual)
         return EpsilonPredictionLoss(cfg.make_unet(size, channels + self.image_channels, channels),
                                      cfg.make_train_scheduler(), condition_channels=self.image_channels)
 
@@ -139,7 +147,7 @@ class SRStage(DataSpaceStage):
         vae = load_vae(self.vae_dir, network.device) if self.vae_dir is not None else None
         scheduler = None if cfg.objective == "regression" else make_sampler(cfg.sampler, model.scheduler.config)
         outputs = [super_resolve(network, scheduler, chunk.to(network.device), cfg.scale, cfg.objective, vae,
-                                 cfg.num_inference_steps) for chunk in low_res.split(256)]
+                                 cfg.num_inference_steps, residual=cfg.residual) for chunk in low_res.split(256)]
         return torch.cat(outputs)
 
     def generate(self, model, num_samples: int) -> torch.Tensor:
@@ -163,7 +171,8 @@ class SRStage(DataSpaceStage):
         cfg = self.config.model
         vae = fold_scaling_factor(load_vae(self.vae_dir, "cpu")) if self.vae_dir is not None else None
         scheduler = cfg.make_train_scheduler() if cfg.objective == "regression" else model.scheduler
-        SuperResolutionPipeline(model.network, scheduler, vae, cfg.scale, cfg.objective).save_pretrained(stage_dir)
+        SuperResolutionPipeline(model.network, scheduler, vae, cfg.scale, cfg.objective,
+                                cfg.residual).save_pretrained(stage_dir)
         write_space(stage_dir, self.kind, self.data.kind)
 
     @classmethod
