@@ -113,7 +113,7 @@ def evaluate_sr_command(args: argparse.Namespace, stage_dir: Path, stage_kind: t
     out = args.out or stage_dir / "evaluation"
     results = evaluate_super_resolution(stage_dir, regression, args.n, args.num_samples, args.sampler, args.steps,
                                         args.seed, args.device, out)
-    keys = ["psnr", "ssim", "consistency_psnr", "diversity", "fd", "classes_covered", "seconds_per_image"]
+    keys = ["psnr", "ssim", "consistency_psnr", "swd", "diversity", "fd", "classes_covered", "seconds_per_image"]
     print("| method | " + " | ".join(keys) + " |\n" + "|---" * (len(keys) + 1) + "|")
     for method, metrics in results.items():
         print(f"| {method} | " + " | ".join(f"{metrics[k]:.4g}" if k in metrics else "" for k in keys) + " |")

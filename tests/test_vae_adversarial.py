@@ -14,6 +14,7 @@ from diffusers import AutoencoderKL
 from safetensors.torch import load_file
 
 from stagediff.modules.gan import PatchDiscriminator
+from stagediff.modules.metrics import psnr, ssim
 from stagediff.modules.vae import AdversarialVAE, GaussianVAE, adaptive_weight, gaussian_nll, make_autoencoder
 from stagediff.pipelines.config import ConfigError
 from stagediff.pipelines.data import load_data
@@ -224,6 +225,13 @@ def test_a_run_with_the_discriminator_exports_a_stock_autoencoder_and_resumes(im
     assert {"discriminator_logits_real", "discriminator_logits_fake", "autoencoder_adv_loss"} <= set(history[2])
     vae = AutoencoderKL.from_pretrained(stage_dir / "vae")  # stock diffusers, no discriminator
     assert vae.config.scaling_factor == pytest.approx(metrics["scaling_factor"])
+    # The final metrics score the exported autoencoder's posterior-mean reconstructions of the held-out split.
+    x = torch.stack([item["x"] for item in load_data(parse_run_config(straight).data).validation])
+    with torch.no_grad():
+        x_hat = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+    assert metrics["recon_psnr"] == pytest.approx(psnr(x_hat, x).mean().item(), abs=1e-3)
+    assert metrics["recon_ssim"] == pytest.approx(ssim(x_hat, x).mean().item(), abs=1e-4)
+    assert {"recon_swd", "recon_swd_16"} <= set(metrics) and metrics["recon_swd"] > 0
     assert {p.name for p in (stage_dir / "vae").iterdir()} == {"config.json", "diffusion_pytorch_model.safetensors"}
     assert not (stage_dir / "discriminator").exists()
     checkpointed = load_file(stage_dir / "checkpoints" / "checkpoint-3" / "model.safetensors")
