@@ -224,8 +224,8 @@ class AdversarialVAE(GaussianVAE):
         return {**out, "adv_loss": adv_loss.detach(), "adaptive_weight": weight}
 
     def discriminator_terms(self, x: Tensor) -> dict[str, Tensor]:
-        """The discriminator's loss on the patches of x (real) and of a fresh reconstruction (fake),
-        with the mean logits of each, all ()."""
+        """The discriminator's loss on the patches of x (real) and of its reconstruction (fake: the
+        autoencoder phase's of this same batch, else a fresh one), with the mean logits of each, all ()."""
         last, self._last_reconstruction = self._last_reconstruction, None
         if last is not None and last[0] is x:
             x_hat = last[1]
