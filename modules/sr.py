@@ -61,17 +61,14 @@ class RegressionLoss(nn.Module):
 
     Args:
         network: g_theta, a diffusers `UNet2DModel` (called with timestep 0, which it ignores in effect).
-        condition_channels: the last `condition_channels` channels of the batch are y, the others x.
-        residual: predict x = y + g_theta(y) (y the bicubic-upsampled input): the network learns only
-            the detail bicubic misses (VDSR's global residual, Kim et al. 2016), which a short training
-            reaches far sooner than the whole image. Pixel space only (y and x alike).
+        condition_channels: the last `condition_channels` channels of the batch are y, the others x
+            (x may be a residual, x - bicubic_up(y): pipelines/stages/sr.py's `residual`).
     """
 
-    def __init__(self, network: nn.Module, condition_channels: int, residual: bool = False):
+    def __init__(self, network: nn.Module, condition_channels: int):
         super().__init__()
         self.network = network
         self.condition_channels = condition_channels
-        self.residual = residual
 
     def forward(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"loss": self.per_example_loss(batch).mean()}
@@ -79,5 +76,4 @@ class RegressionLoss(nn.Module):
     def per_example_loss(self, batch: torch.Tensor) -> torch.Tensor:
         """(B,) squared errors ||x - g(y)||^2, each averaged over its example's pixels."""
         x, y = split_condition(batch, self.condition_channels)
-        x_hat = self.network(y, 0).sample + (y if self.residual else 0)
-        return (x_hat.float() - x.float()).pow(2).flatten(1).mean(1)
+        return (self.network(y, 0).sample.float() - x.float()).pow(2).flatten(1).mean(1)

@@ -201,13 +201,15 @@ def canvas_tiling(unet: UNet2DModel, vae: AutoencoderKL | None, scale: int, tile
 def super_resolve(unet: UNet2DModel, scheduler, low_res: torch.Tensor, scale: int, objective: str = "diffusion",
                   vae: AutoencoderKL | None = None, num_inference_steps: int | None = 20,
                   generator: torch.Generator | list[torch.Generator] | None = None,
-                  progress: bool = False, tiling: Tiling | None = None, residual: bool = False) -> torch.Tensor:
+                  progress: bool = False, tiling: Tiling | None = None, residual: bool = False,
+                  residual_scale: float = 1.0) -> torch.Tensor:
     """(B, C, h, w) low-resolution images in [-1, 1] -> (B, C, h * scale, w * scale) in [-1, 1].
 
     The condition is the input resized (bicubic) to the space the UNet works in: the output's
     size in pixel space (SR3), the latent's size with a VAE (latent diffusion's SR model).
-    `objective` "diffusion" samples from p(X | Y); "regression" is the L2 regressor's E[X | Y]
-    (`residual`: the UNet's output added to the upsampled input, modules/sr.RegressionLoss).
+    `objective` "diffusion" samples from p(X | Y); "regression" is the L2 regressor's E[X | Y].
+    `residual` (pixel space): the UNet's output, divided by `residual_scale`, is the detail added
+    to the upsampled input.
     `tiling` (in canvas units, see `canvas_tiling`) runs the UNet, and the VAE's decoder, on
     overlapping tiles, so memory is bounded by the tile size, not the image's.
     """
@@ -218,11 +220,12 @@ def super_resolve(unet: UNet2DModel, scheduler, low_res: torch.Tensor, scale: in
     condition = resize(low_res.float(), (height // factor, width // factor)).to(unet.device)
     if objective == "regression":
         x = tiled(lambda tile: unet(tile.to(unet.dtype), 0).sample.float(), condition, tiling)
-        x = x + condition if residual else x
     else:
         target_channels = unet.config.out_channels
         shape = (len(low_res), target_channels, height // factor, width // factor)
         x = denoise(unet, scheduler, shape, num_inference_steps, generator, unet.device, progress, condition, tiling)
+    if residual:
+        x = condition + x / residual_scale
     if vae is not None:
         # The decoder runs on the UNet's latent tiles, blended the same way in pixel space, rather
         # than through diffusers' `vae.enable_tiling()`: that one takes its tile from the VAE's
@@ -301,16 +304,17 @@ class SuperResolutionPipeline(DiffusionPipeline):
         vqvae: the decoder for latent models (an `AutoencoderKL`), None in pixel space.
         scale: the upscaling factor.
         objective: "diffusion" (sampling) or "regression" (the L2 baseline: one forward pass).
-        residual: regression only: the output is the UNet's plus the bicubic-upsampled input.
+        residual: pixel space only: the output is the UNet's (or the sample's), divided by
+            `residual_scale`, plus the bicubic-upsampled input.
     """
 
     _optional_components = ["vqvae"]
 
     def __init__(self, unet: UNet2DModel, scheduler: DDPMScheduler, vqvae: AutoencoderKL | None = None,
-                 scale: int = 4, objective: str = "diffusion", residual: bool = False):
+                 scale: int = 4, objective: str = "diffusion", residual: bool = False, residual_scale: float = 1.0):
         super().__init__()
         self.register_modules(vqvae=vqvae, unet=unet, scheduler=scheduler)
-        self.register_to_config(scale=scale, objective=objective, residual=residual)
+        self.register_to_config(scale=scale, objective=objective, residual=residual, residual_scale=residual_scale)
 
     @property
     def image_channels(self) -> int:
@@ -336,7 +340,7 @@ class SuperResolutionPipeline(DiffusionPipeline):
         tiling = canvas_tiling(self.unet, self.vqvae, self.config.scale, tile_size, tile_overlap, tile_batch_size)
         images = super_resolve(self.unet, self.scheduler, image.to(self.device), self.config.scale,
                                self.config.objective, self.vqvae, num_inference_steps, generator, progress, tiling,
-                               self.config.residual)
+                               self.config.residual, self.config.residual_scale)
         if output_type != "pt":
             images = self.numpy_to_pil(((images + 1) / 2).permute(0, 2, 3, 1).cpu().numpy())
         return ImagePipelineOutput(images=images) if return_dict else (images,)

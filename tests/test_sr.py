@@ -19,9 +19,11 @@ from stagediff.modules.sr import RegressionLoss, downsample, gaussian_blur, resi
 from stagediff.pipelines.cli import main
 from stagediff.pipelines.config import ConfigError
 from stagediff.pipelines.registry import load_config, parse_run_config
-from stagediff.pipelines.diffusion import SuperResolutionPipeline, fold_scaling_factor
+from stagediff.pipelines.data import load_data
+from stagediff.pipelines.diffusion import SuperResolutionPipeline, denoise, fold_scaling_factor, super_resolve
 from stagediff.pipelines.hub import build_upload_folder
 from stagediff.pipelines.run import run
+from stagediff.pipelines.stages.sr import SRStage
 
 from helpers import tiny_vae_config
 from reliability.helpers import huge_png, train
@@ -111,8 +113,27 @@ def test_regression_loss_is_the_l2_error_of_g_of_y():
     loss = RegressionLoss(network, condition_channels=1)(torch.cat([x, y], 1))["loss"]
     assert torch.equal(network.inputs[0][0], y)
     assert loss.item() == pytest.approx((0.5 * y - x).pow(2).mean().item(), rel=1e-6)
-    residual = RegressionLoss(network, condition_channels=1, residual=True)(torch.cat([x, y], 1))["loss"]
-    assert residual.item() == pytest.approx((1.5 * y - x).pow(2).mean().item(), rel=1e-6)  # x_hat = y + g(y)
+
+
+def test_residual_diffusion_learns_the_scaled_detail_and_samples_add_it_back(tmp_path):
+    """SRDiff's residual: the target is (x - bicubic_up(y)) * s, and a sample z becomes bicubic_up(y) + z / s."""
+    raw = sr_run_config(tmp_path)
+    raw["stages"] = [{"name": "residual_sr", "kind": "sr", "model": {**TINY_UNET, "scale": 4, "residual": True,
+                                                                   "residual_scale": 4.0}, "training": TRAINING}]
+    config = parse_run_config(raw)
+    stage = SRStage(config.stages[0], load_data(config.data))
+    x = torch.stack([stage.data.validation[i]["x"] for i in range(3)])
+    upsampled = resize(downsample(x, 4), (16, 16))
+    pair = stage.pair(x, train=False)
+    assert torch.allclose(pair[:, :1], (x - upsampled) * 4, atol=1e-6) and torch.equal(pair[:, 1:], upsampled)
+
+    unet = stage.build_model().network.eval()
+    scheduler = DDIMScheduler(prediction_type="v_prediction")
+    low_res = downsample(x, 4)
+    out = super_resolve(unet, scheduler, low_res, 4, num_inference_steps=5, residual=True, residual_scale=4.0,
+                        generator=torch.Generator().manual_seed(0))
+    z = denoise(unet, scheduler, (3, 1, 16, 16), 5, torch.Generator().manual_seed(0), "cpu", condition=upsampled)
+    assert torch.allclose(out, (upsampled + z / 4).clamp(-1, 1), atol=1e-6)
 
 
 @pytest.mark.numerics
@@ -137,7 +158,8 @@ def sr_run_config(output_dir):
         {"name": "latent_sr", "kind": "sr", "input": "vae", "model": {**TINY_UNET, "scale": 2},
          "training": TRAINING},
         {"name": "regression", "kind": "sr", "model": {**TINY_UNET, "scale": 4, "objective": "regression",
-                                                      "residual": True}, "training": TRAINING},
+                                                      "residual": True, "residual_scale": 2.0},
+         "training": TRAINING},
         {"name": "pixel_sr", "kind": "sr", "model": {**TINY_UNET, "scale": 4, "blur_sigma": 0.5,
                                                     "condition_noise_std": 0.05}, "training": TRAINING},
     ]
@@ -162,13 +184,14 @@ def test_sr_stages_train_and_report_fidelity(sr_run):
     assert (unet.config.in_channels, unet.config.out_channels, unet.config.sample_size) == (2, 1, 16)
     unet = UNet2DModel.from_pretrained(f"{config.output_dir}/regression/unet")
     assert (unet.config.in_channels, unet.config.out_channels) == (1, 1)
-    # The residual regressor's folder says so: its pipeline adds the upsampled input to the UNet's output.
+    # The residual regressor's folder says so: its pipeline adds the upsampled input to the UNet's
+    # output divided by the residual's scale.
     pipeline = SuperResolutionPipeline.from_pretrained(f"{config.output_dir}/regression")
-    assert pipeline.config.residual is True
+    assert pipeline.config.residual is True and pipeline.config.residual_scale == 2.0
     low_res = torch.rand(2, 1, 4, 4) * 2 - 1
     upsampled = resize(low_res, (16, 16))
     with torch.no_grad():
-        expected = (upsampled + unet(upsampled, 0).sample).clamp(-1, 1)
+        expected = (upsampled + unet(upsampled, 0).sample / 2).clamp(-1, 1)
     assert torch.allclose(pipeline(low_res, output_type="pt").images, expected, atol=1e-6)
 
 
@@ -212,8 +235,8 @@ def test_bad_sr_configs_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match="scale: 1 is not valid"):
         parse_run_config(raw)
     raw["stages"][0]["model"]["scale"] = 2
-    with pytest.raises(ConfigError, match="residual: true is for objective: regression"):
-        parse_run_config({**raw, "stages": [{**raw["stages"][0], "model": {**TINY_UNET, "residual": True}}]})
+    with pytest.raises(ConfigError, match="residual_scale: 4.0 scales the residual; it needs residual: true"):
+        parse_run_config({**raw, "stages": [{**raw["stages"][0], "model": {**TINY_UNET, "residual_scale": 4.0}}]})
     latent = sr_run_config(tmp_path)
     latent["stages"][1]["model"].update(objective="regression", residual=True)
     with pytest.raises(ValueError, match=r"stages.latent_sr.model.residual: .* a latent model \(input: vae\)"):
