@@ -24,33 +24,54 @@ class EpsilonPredictionLoss(nn.Module):
 
     Conditional models (the seed's p(X | Y), e.g. super-resolution) see eps_theta([z_t, y], t):
     the condition y is concatenated to z_t on the channel axis, as in SR3 and latent diffusion.
+    Class-conditional ones see eps_theta(z_t, t, c) (the network's class embedding); in training
+    each label is replaced by the null class K with probability `cond_drop_prob`, so one network
+    learns the conditional and the unconditional model that classifier-free guidance combines
+    (Ho & Salimans 2022, Algorithm 1).
 
     Args:
         network: eps_theta(z_t, t) returning an object with `.sample` (diffusers' UNet2DModel, or
-            `MLPDenoiser`).
+            `MLPDenoiser`); a class-conditional one takes `class_labels` 0..K and has
+            `config.num_class_embeds` = K + 1 (index K the null class).
         scheduler: the forward process (its `add_noise` is z_t above).
         condition_channels: the last `condition_channels` channels of the input batch are the
             condition y, the others x (0: unconditional).
+        cond_drop_prob: the probability that a training label is dropped to the null class.
     """
 
-    def __init__(self, network: nn.Module, scheduler: DDPMScheduler, condition_channels: int = 0):
+    def __init__(self, network: nn.Module, scheduler: DDPMScheduler, condition_channels: int = 0,
+                 cond_drop_prob: float = 0.0):
         super().__init__()
         self.network = network
         self.scheduler = scheduler
         self.condition_channels = condition_channels
+        self.cond_drop_prob = cond_drop_prob
 
-    def forward(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"loss": self.per_example_loss(batch).mean()}
+    def forward(self, batch: torch.Tensor, class_labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The training loss; `class_labels` (B,) are dropped to the null class at `cond_drop_prob`."""
+        if class_labels is not None:
+            dropped = torch.rand(class_labels.shape, device=class_labels.device) < self.cond_drop_prob
+            class_labels = class_labels.masked_fill(dropped, class_count(self.network.config))  # the null class
+        return {"loss": self.per_example_loss(batch, class_labels).mean()}
 
-    def per_example_loss(self, batch: torch.Tensor) -> torch.Tensor:
-        """(B,) squared errors, each averaged over its example's dimensions."""
+    def per_example_loss(self, batch: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """(B,) squared errors, each averaged over its example's dimensions (with the labels as given)."""
         x0, y = split_condition(batch, self.condition_channels)
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (x0.shape[0],), device=x0.device)
         eps = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype)
         zt = self.scheduler.add_noise(x0, eps, t)
-        prediction = self.network(zt if y is None else torch.cat([zt, y], 1), t).sample
+        labels = {} if class_labels is None else {"class_labels": class_labels}
+        prediction = self.network(zt if y is None else torch.cat([zt, y], 1), t, **labels).sample
         target = eps if self.scheduler.config.prediction_type == "epsilon" else self.scheduler.get_velocity(x0, eps, t)
         return (prediction.float() - target.float()).pow(2).flatten(1).mean(1)
+
+
+def class_count(network_config) -> int | None:
+    """K of a class-conditional network, from its config: its class embedding has K + 1 rows
+    (`num_class_embeds`), the classes 0..K-1 and the null class K of classifier-free guidance;
+    None for an unconditional network."""
+    embeds = network_config.get("num_class_embeds")
+    return embeds - 1 if embeds else None
 
 
 def split_condition(batch: torch.Tensor, condition_channels: int) -> tuple[torch.Tensor, torch.Tensor | None]:

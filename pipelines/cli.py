@@ -14,9 +14,9 @@ from accelerate import PartialState
 from stagediff.benchmarks.cli import add_benchmark_arguments, benchmark_command
 
 from .config import ConfigError
-from .diffusion import SAMPLERS
+from .diffusion import SAMPLERS, class_labels_for
 from .hub import HubError, push
-from .images import save_grid, save_png, scatter_image, to_uint8
+from .images import class_rows, make_grid, save_grid, save_png, scatter_image, to_uint8
 from .registry import load_config
 from .report import write_report
 from .run import run
@@ -58,6 +58,11 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, default_n: int) -> N
 def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
     add_sampling_arguments(parser, default_n=64)
     parser.add_argument("--out", type=Path, default=None, help="output folder (default MODEL_DIR/generated)")
+    parser.add_argument("--class", dest="class_label", type=int, default=None, metavar="LABEL",
+                        help="class-conditional models: draw this class, 0..K-1 (default: balanced classes, "
+                             "a grid row per class)")
+    parser.add_argument("--guidance-scale", type=float, default=1.0,
+                        help="class-conditional models: classifier-free guidance w (default 1: no guidance)")
 
 
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -75,16 +80,21 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def sample_command(args: argparse.Namespace) -> None:
-    stage_dir, _ = resolve_stage_dir(args.model_dir)
+    stage_dir, stage_kind = resolve_stage_dir(args.model_dir)
     out = args.out or stage_dir / "generated"
     samples = generate(stage_dir, args.n, args.seed, sampler=args.sampler, steps=args.steps,
-                       batch_size=args.batch_size, device=args.device)
+                       batch_size=args.batch_size, device=args.device, class_label=args.class_label,
+                       guidance_scale=args.guidance_scale)
     if samples.dim() == 2:  # vectors: a scatter picture and the numbers
         save_grid(scatter_image(samples), out / "grid.png")
         out.joinpath("samples.csv").write_text("\n".join(",".join(f"{v:.6g}" for v in row) for row in samples.tolist()))
         print(f"wrote {len(samples)} samples to {out / 'samples.csv'} and a scatter plot to {out / 'grid.png'}")
         return
-    save_grid(samples, out / "grid.png")
+    num_classes = stage_kind.num_classes(stage_dir)
+    if num_classes is not None and args.class_label is None:  # balanced classes: a row per class
+        save_png(make_grid(*class_rows(samples, class_labels_for(num_classes, len(samples)))), out / "grid.png")
+    else:
+        save_grid(samples, out / "grid.png")
     for index, image in enumerate(to_uint8(samples)):
         save_png(image, out / f"{index:05d}.png")
     print(f"wrote {len(samples)} images and grid.png to {out}")

@@ -137,7 +137,7 @@ def _usage(folder: Path, repo_id: str, stage_kind, space: str) -> str:
     if (folder / "model_index.json").is_file():
         pipeline = json.loads((folder / "model_index.json").read_text())["_class_name"]
         load = [_imports([pipeline]), "", f'pipe = {pipeline}.from_pretrained("{repo_id}")',
-                *stage_kind.card_pipeline_call]
+                *stage_kind.card_pipeline_lines(folder)]
     else:
         classes = component_classes(folder)
         load = [_imports(classes.values()), "",

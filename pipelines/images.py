@@ -26,6 +26,16 @@ def make_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2) -
     return to_uint8(grid[None])[0]
 
 
+def class_rows(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(B, C, H, W) images of (B,) class labels -> (tiles, nrow) for `make_grid`: one row per
+    class present, in class order, short rows padded with blank (-1) tiles."""
+    classes = labels.unique()  # sorted
+    nrow = int(max((labels == c).sum() for c in classes))
+    rows = [images[labels == c] for c in classes]
+    blank = images.new_full((1, *images.shape[1:]), -1.0)
+    return torch.cat([torch.cat([row, blank.expand(nrow - len(row), *images.shape[1:])]) for row in rows]), nrow
+
+
 def save_png(array: np.ndarray, path: str | Path) -> Path:
     """Save an (H, W, C) uint8 array with C in {1, 3, 4} as a PNG, creating parent folders."""
     path = Path(path)

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from .data import DataSplits, load_data
-from .diffusion import sampler_and_steps
+from .diffusion import class_labels_for, sampler_and_steps
 from .evaluation import generation_metrics
 from .registry import get_stage_kind, parse_run_config
 from .stage_folder import finished_stages, read_run_config, stage_block, verify_exported_weights
@@ -32,22 +32,33 @@ def resolve_stage_dir(path: str | Path) -> tuple[Path, type[Stage]]:
 
 
 def generate(stage_dir: str | Path, num_samples: int, seed: int, *, sampler: str | None = None,
-             steps: int | None = None, batch_size: int = 256, device: str | torch.device | None = None) -> torch.Tensor:
+             steps: int | None = None, batch_size: int = 256, device: str | torch.device | None = None,
+             class_label: int | None = None, guidance_scale: float = 1.0) -> torch.Tensor:
     """`num_samples` samples of a finished stage in data space (images in [-1, 1], or vectors), drawn
-    in batches from one generator seeded with `seed`; `sampler` and `steps` as in `sampler_and_steps`."""
+    in batches from one generator seeded with `seed`; `sampler` and `steps` as in `sampler_and_steps`.
+    A class-conditional stage draws samples of `class_label` (default: balanced classes, sample i
+    of class i mod K, `diffusion.class_labels_for`) with classifier-free guidance `guidance_scale`."""
     stage_dir, stage_kind = resolve_stage_dir(stage_dir)
-    return _draw(stage_dir, stage_kind, num_samples, seed, sampler, steps, batch_size, pick_device(device))
+    return _draw(stage_dir, stage_kind, num_samples, seed, sampler, steps, batch_size, pick_device(device),
+                 class_label, guidance_scale)
 
 
 def _draw(stage_dir: Path, stage_kind: type[Stage], num_samples: int, seed: int, sampler: str | None,
-          steps: int | None, batch_size: int, device: torch.device) -> torch.Tensor:
+          steps: int | None, batch_size: int, device: torch.device, class_label: int | None = None,
+          guidance_scale: float = 1.0) -> torch.Tensor:
     """`generate` on a folder already resolved and checked (its weights are hashed once, not per draw)."""
     if num_samples < 1 or batch_size < 1:
         raise ValueError(f"--n {num_samples} and --batch-size {batch_size}: expected integers >= 1")
+    labels = class_labels_for(stage_kind.num_classes(stage_dir), num_samples, class_label, guidance_scale)
     generator = torch.Generator(device).manual_seed(seed)
-    return torch.cat([stage_kind.sample(stage_dir, min(batch_size, num_samples - start), generator, device,
-                                        sampler=sampler, steps=steps).cpu()
-                      for start in range(0, num_samples, batch_size)])
+    batches = []
+    for start in range(0, num_samples, batch_size):
+        count = min(batch_size, num_samples - start)
+        classes = {} if labels is None else {"class_labels": labels[start: start + count],
+                                             "guidance_scale": guidance_scale}
+        batches.append(stage_kind.sample(stage_dir, count, generator, device, sampler=sampler, steps=steps,
+                                         **classes).cpu())
+    return torch.cat(batches)
 
 
 def evaluate_generation(stage_dir: str | Path, num_samples: int, seeds: list[int], *, sampler: str | None = None,

@@ -150,10 +150,11 @@ def train_stage(accelerator: Accelerator, stage: Stage, run: RunConfig, stage_di
         batch = next(batches)
         with accelerator.accumulate(model):
             x = stage.training_input(augment(batch["x"], run.data) if augment_images else batch["x"])
+            conditioning = stage.conditioning(batch["label"])  # {} unless the stage is class-conditional
             for phase in phases:
                 if not stage.phase_due(phase.name, step + 1):
                     continue
-                terms = model(x) if len(phases) == 1 else model(x, phase=phase.name)
+                terms = model(x, **conditioning) if len(phases) == 1 else model(x, phase=phase.name, **conditioning)
                 accelerator.backward(terms["loss"])
                 if accelerator.sync_gradients and cfg.max_grad_norm is not None:
                     accelerator.clip_grad_norm_(phase.params, cfg.max_grad_norm)

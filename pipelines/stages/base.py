@@ -37,7 +37,8 @@ class Likelihood(NamedTuple):
 class Stage(abc.ABC):
     """A stage kind: builds its training module, evaluates, previews and exports it.
 
-    The training module's `forward(x)` returns named loss terms; `"loss"` is the one minimised.
+    The training module's `forward(x, **conditioning(labels))` returns named loss terms; `"loss"`
+    is the one minimised.
     Everything else (optimizer, precision, distribution, checkpoints) is the trainer's, which
     calls `evaluate`, `preview` and `finalize` with the unwrapped model inside a forked, seeded
     RNG, so they may draw random numbers freely without shifting the training run's stream.
@@ -108,6 +109,11 @@ class Stage(abc.ABC):
         """What the training module sees for a (augmented) data batch, e.g. dequantized pixels."""
         return x
 
+    def conditioning(self, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The training module's keyword arguments besides x, from the batch's (B,) class labels
+        (-1: unlabelled): {"class_labels": ...} for a class-conditional stage, none by default."""
+        return {}
+
     @abc.abstractmethod
     def validate(self, model: nn.Module, loader, accelerator: Accelerator) -> dict[str, float]:
         """Cheap validation metrics over `loader`, including `monitor` (all processes call this)."""
@@ -133,7 +139,13 @@ class Stage(abc.ABC):
     def sample(cls, stage_dir: Path, num_samples: int, generator: torch.Generator, device: torch.device,
                sampler: str | None = None, steps: int | None = None) -> torch.Tensor:
         """Images in [-1, 1] (or vectors) from an exported stage folder; `sampler` and `steps`
-        choose the sampler where the family has several."""
+        choose the sampler where the family has several. A class-conditional stage (`num_classes`
+        not None) also takes `class_labels` (one per sample) and `guidance_scale`."""
+
+    @classmethod
+    def num_classes(cls, stage_dir: Path) -> int | None:
+        """K for an exported class-conditional stage (its samples take labels 0..K-1), else None."""
+        return None
 
     # ------------------------------------------------------------------ what reports and cards ask
 
@@ -155,6 +167,11 @@ class Stage(abc.ABC):
     @classmethod
     def hub_tags(cls, space: str) -> list[str]:
         return [cls.hub_tag]
+
+    @classmethod
+    def card_pipeline_lines(cls, stage_dir: Path) -> tuple[str, ...]:
+        """The model card's lines that call the exported pipeline of `stage_dir`."""
+        return cls.card_pipeline_call
 
     @classmethod
     def card_usage(cls, repo_id: str, space: str) -> str:

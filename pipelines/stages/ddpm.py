@@ -1,8 +1,10 @@
 """Stage 2: the DDPM noise predictor (seed part V) on VAE latents, pixels or 2D vectors.
 
 With `input: <vae stage>` it trains on that VAE's cached latents (latent diffusion) and exports
-a `LatentDiffusionPipeline`; on pixels it exports a stock `diffusers.DDPMPipeline`; on vectors
-an `MLPDenoiser` plus its scheduler.
+a `LatentDiffusionPipeline`; on pixels it exports a stock `diffusers.DDPMPipeline` (our
+`ImageDiffusionPipeline` when class-conditional, which the stock one is not); on vectors an
+`MLPDenoiser` plus its scheduler. `class_conditional: true` learns p(x | class) of labelled
+images or latents, sampled with classifier-free guidance (Ho & Salimans 2022).
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ import torch
 from accelerate import Accelerator
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
-from ...modules.ddpm import EpsilonPredictionLoss, MLPDenoiser
-from ..diffusion import LatentDiffusionPipeline, denoise, make_sampler, sampler_and_steps
+from ...modules.ddpm import EpsilonPredictionLoss, MLPDenoiser, class_count
+from ..diffusion import (ImageDiffusionPipeline, LatentDiffusionPipeline, class_labels_for, denoise, make_sampler,
+                         sampler_and_steps)
 from ..latents import load_vae
 from ..stage_folder import write_space
 from .base import Likelihood, require_positive
@@ -63,9 +66,11 @@ class DiffusionConfig:
             raise ValueError(f"num_inference_steps: {self.num_inference_steps} is not valid; with num_train_timesteps "
                              f"{self.num_train_timesteps} and sampler {self.sampler} expected at most {most}")
 
-    def make_unet(self, size: int, in_channels: int, out_channels: int) -> UNet2DModel:
+    def make_unet(self, size: int, in_channels: int, out_channels: int,
+                  num_class_embeds: int | None = None) -> UNet2DModel:
+        """`num_class_embeds`: rows of a class embedding added to the timestep's (None: no classes)."""
         return UNet2DModel(
-            sample_size=size, in_channels=in_channels, out_channels=out_channels,
+            sample_size=size, in_channels=in_channels, out_channels=out_channels, num_class_embeds=num_class_embeds,
             block_out_channels=tuple(self.block_out_channels), layers_per_block=self.layers_per_block,
             norm_num_groups=self.norm_num_groups,
             down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in self.attention),
@@ -90,10 +95,25 @@ class DDPMModelConfig(DiffusionConfig):
     mlp_hidden: int = 128
     mlp_layers: int = 3
     mlp_fourier_features: int = 6
+    # p(x | class) of labelled images or latents (K classes from the data, plus a null class).
+    class_conditional: bool = False
+    # Training labels dropped to the null class with this probability, so the one network is also
+    # the unconditional model that classifier-free guidance needs (Ho & Salimans 2022: 0.1 or 0.2).
+    cond_drop_prob: float = 0.1
+    # Classifier-free guidance w of evaluation and previews (diffusers' convention: 1 is none).
+    guidance_scale: float = 1.0
 
     def __post_init__(self):
         super().__post_init__()
         require_positive(self, "mlp_hidden", "mlp_layers")
+        if not 0 <= self.cond_drop_prob < 1:
+            raise ValueError(f"cond_drop_prob: {self.cond_drop_prob!r} is not valid; expected a probability in [0, 1)")
+        if self.guidance_scale < 0:
+            raise ValueError(f"guidance_scale: {self.guidance_scale!r} is not valid; expected a number >= 0 (1: no "
+                             "guidance)")
+        if self.guidance_scale != 1 and not (self.class_conditional and self.cond_drop_prob > 0):
+            raise ValueError(f"guidance_scale: {self.guidance_scale!r} needs class_conditional: true and "
+                             "cond_drop_prob > 0 (guidance combines the conditional and the null-class model)")
 
 
 class DDPMStage(DataSpaceStage):
@@ -102,7 +122,7 @@ class DDPMStage(DataSpaceStage):
     monitor = "val_loss"
     description = "a DDPM noise predictor trained on the ε-prediction loss"
     hub_tag = "ddpm"
-    exported_classes = (LatentDiffusionPipeline, MLPDenoiser)
+    exported_classes = (ImageDiffusionPipeline, LatentDiffusionPipeline, MLPDenoiser)
     course_name = "DDPM"
     course_part = 5
     course_verdicts = {
@@ -116,6 +136,14 @@ class DDPMStage(DataSpaceStage):
     card_pipeline_call = ("images = pipe(batch_size=16).images  # PIL images",)
     card_sample_note = "; sampler='ddpm' | 'ddim' | 'dpmsolver' and steps=... choose the sampler"
 
+    def __init__(self, config, data, input_dir: Path | None = None):
+        if config.model.class_conditional and (data.kind == "vector" or data.num_classes is None):
+            what = "2-D vectors (only a UNet has a class embedding)" if data.kind == "vector" else "no class labels"
+            raise ValueError(f"stages.{config.name}.model.class_conditional: true needs labelled images, and the "
+                             f"data ({data.description}) has {what}; use a labelled data.source (mnist, an "
+                             "imagefolder with class subfolders, a hub dataset with data.label_column)")
+        super().__init__(config, data, input_dir)
+
     def build_model(self) -> EpsilonPredictionLoss:
         cfg = self.config.model
         if self.data.kind == "vector":
@@ -123,28 +151,56 @@ class DDPMStage(DataSpaceStage):
                                   fourier_features=cfg.mlp_fourier_features)
         else:
             channels, size, _ = self.data.sample_shape
-            network = cfg.make_unet(size, channels, channels)
-        return EpsilonPredictionLoss(network, cfg.make_train_scheduler(clip_sample=self.data.kind == "image"))
+            classes = self.data.num_classes + 1 if cfg.class_conditional else None  # + the null class
+            network = cfg.make_unet(size, channels, channels, num_class_embeds=classes)
+        return EpsilonPredictionLoss(network, cfg.make_train_scheduler(clip_sample=self.data.kind == "image"),
+                                     cond_drop_prob=cfg.cond_drop_prob)
+
+    def conditioning(self, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Class-conditional: the labels, where unlabelled items (-1) of a partly labelled set are of
+        the null class K (they train the unconditional model)."""
+        if not self.config.model.class_conditional:
+            return {}
+        return {"class_labels": labels.masked_fill(labels < 0, self.data.num_classes)}
 
     @torch.no_grad()
     def validate(self, model: EpsilonPredictionLoss, loader, accelerator: Accelerator) -> dict[str, float]:
-        """The eps-prediction loss on the validation split (latents: their posterior means)."""
-        losses = [accelerator.gather_for_metrics(model.per_example_loss(self.held_out_input(batch["x"])))
-                  for batch in loader]
+        """The eps-prediction loss on the validation split (latents: their posterior means; class-
+        conditional: the true labels, none dropped)."""
+        losses = [accelerator.gather_for_metrics(
+            model.per_example_loss(self.held_out_input(batch["x"]), **self.conditioning(batch["label"])))
+            for batch in loader]
         return {"val_loss": torch.cat(losses).double().mean().item()}
 
-    def generate(self, model: EpsilonPredictionLoss, num_samples: int) -> torch.Tensor:
-        """Samples with the configured sampler, in data space (latents decoded)."""
+    def generate(self, model: EpsilonPredictionLoss, num_samples: int,
+                 class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Samples with the configured sampler, in data space (latents decoded); a class-conditional
+        model draws `class_labels` (default: balanced, sample i of class i mod K) with the
+        configured guidance scale."""
         cfg = self.config.model
         sampler = make_sampler(cfg.sampler, model.scheduler.config)
         shape = (num_samples, *self.data.sample_shape)
         device = next(model.parameters()).device
-        return self.to_data_space(denoise(model.network, sampler, shape, cfg.num_inference_steps, None, device))
+        labels = class_labels_for(class_count(model.network.config), num_samples, class_labels, cfg.guidance_scale,
+                                  device)
+        return self.to_data_space(denoise(model.network, sampler, shape, cfg.num_inference_steps, None, device,
+                                          class_labels=labels, guidance_scale=cfg.guidance_scale))
+
+    @torch.no_grad()
+    def preview(self, model: EpsilonPredictionLoss, batch: torch.Tensor) -> torch.Tensor:
+        """Class-conditional: one row of 8 samples per class (the first 16 classes)."""
+        classes = class_count(model.network.config)
+        if classes is None:
+            return super().preview(model, batch)
+        labels = torch.arange(min(classes, 16)).repeat_interleave(8)
+        return self.generate(model, len(labels), labels)
 
     def export(self, model: EpsilonPredictionLoss, stage_dir: Path) -> None:
         network, scheduler = model.network, model.scheduler
         if self.data.kind == "latent":
             LatentDiffusionPipeline(load_vae(self.vae_dir, "cpu"), network, scheduler).save_pretrained(stage_dir)
+        elif self.config.model.class_conditional:
+            ImageDiffusionPipeline(network, scheduler).save_pretrained(stage_dir)  # stock DDPMPipeline takes no labels
         elif self.data.kind == "image":
             DDPMPipeline(network, scheduler).save_pretrained(stage_dir)  # loads in stock diffusers
         else:
@@ -155,16 +211,32 @@ class DDPMStage(DataSpaceStage):
     @classmethod
     @torch.no_grad()
     def sample(cls, stage_dir: Path, num_samples: int, generator: torch.Generator, device: torch.device,
-               sampler: str | None = None, steps: int | None = None) -> torch.Tensor:
+               sampler: str | None = None, steps: int | None = None, class_labels: torch.Tensor | None = None,
+               guidance_scale: float = 1.0) -> torch.Tensor:
         space = cls.space(stage_dir)
         network_cls = MLPDenoiser if space == "vector" else UNet2DModel
         network = network_cls.from_pretrained(stage_dir / "unet").to(device).eval()
         train_scheduler = DDPMScheduler.from_pretrained(stage_dir / "scheduler")
         sampler, steps = sampler_and_steps(sampler, steps)
         shape = (num_samples, *_network_sample_shape(network))
+        labels = class_labels_for(class_count(network.config), num_samples, class_labels, guidance_scale, device)
         z = denoise(network, make_sampler(sampler, train_scheduler.config), shape, steps, generator, device,
-                    progress=True)
+                    progress=True, class_labels=labels, guidance_scale=guidance_scale)
         return to_data_space(z, space, stage_dir / "vae")
+
+    @classmethod
+    def num_classes(cls, stage_dir: Path) -> int | None:
+        return class_count(UNet2DModel.load_config(stage_dir / "unet"))
+
+    @classmethod
+    def card_pipeline_lines(cls, stage_dir: Path) -> tuple[str, ...]:
+        classes = cls.num_classes(stage_dir)
+        if classes is None:
+            return cls.card_pipeline_call
+        label = min(3, classes - 1)
+        return (f"images = pipe(batch_size=16, class_labels={label}, guidance_scale=3.0).images  # of class {label}",
+                f"# class_labels: 0..{classes - 1}, one int or one per image (default: balanced classes); "
+                "guidance_scale=1.0: no guidance")
 
     @classmethod
     def likelihood(cls, metrics: dict, space: str) -> Likelihood:
