@@ -18,7 +18,7 @@ from .diffusion import SAMPLERS, class_labels_for
 from .hub import HubError, push
 from .images import class_rows, make_grid, save_grid, save_png, scatter_image, to_uint8
 from .registry import load_config
-from .report import write_report
+from .report import format_guidance_sweep, plot_guidance_sweep, write_report
 from .run import run
 from .sampling import evaluate_generation, generate, resolve_stage_dir
 from .stages.base import Stage
@@ -77,6 +77,10 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
                              "`objective: regression` sr stage of the same run, if any)")
     parser.add_argument("--num-samples", type=int, default=3,
                         help="--task sr: samples per input, for the diversity and the figures (default 3)")
+    parser.add_argument("--guidance-scale", type=float, nargs="+", default=[1.0], metavar="W",
+                        help="class-conditional models: classifier-free guidance w (default 1: none); several "
+                             "values sweep them: a table of FD against conditional accuracy, and with --out a "
+                             "figure of it beside the JSON")
 
 
 def sample_command(args: argparse.Namespace) -> None:
@@ -106,14 +110,18 @@ def evaluate_command(args: argparse.Namespace) -> None:
     if (args.task or stage_kind.evaluation_task) == "sr":
         evaluate_sr_command(args, stage_dir, stage_kind)
         return
-    report = evaluate_generation(stage_dir, args.n, list(range(args.seed, args.seed + args.seeds)),
-                                 sampler=args.sampler, steps=args.steps, batch_size=args.batch_size,
-                                 device=args.device)
-    text = json.dumps(report, indent=2)
+    reports = [evaluate_generation(stage_dir, args.n, list(range(args.seed, args.seed + args.seeds)),
+                                   sampler=args.sampler, steps=args.steps, batch_size=args.batch_size,
+                                   device=args.device, guidance_scale=w) for w in args.guidance_scale]
+    text = json.dumps(reports[0] if len(reports) == 1 else reports, indent=2)
     print(text)
+    if len(reports) > 1:
+        print(format_guidance_sweep(reports))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)
+        if len(reports) > 1:
+            print(f"wrote {plot_guidance_sweep(reports, args.out.with_suffix('.png'))}")
 
 
 def evaluate_sr_command(args: argparse.Namespace, stage_dir: Path, stage_kind: type[Stage]) -> None:

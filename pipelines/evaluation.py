@@ -210,6 +210,28 @@ def image_metrics(samples: Tensor, reference: Tensor, classifier: ImageClassifie
     }
 
 
+def conditional_metrics(samples: Tensor, requested: Tensor, data: DataSplits,
+                        device: torch.device | str) -> dict[str, float]:
+    """How well a class-conditional model's samples (N, C, H, W) match their `requested` (N,)
+    classes, by the data's feature classifier:
+
+    conditional_accuracy: the fraction of samples the classifier puts in the requested class;
+    fd_per_class: the Fréchet distance between each class's samples and the train split's images
+        of that class, averaged over the requested classes (the train split: the held-out one has
+        too few images of each class for a covariance of the classifier's features). A model that
+        draws the right classes with too little variety within each scores high here, however low
+        its overall FD.
+    """
+    classifier, _ = get_feature_classifier(data.config, cache_dir(), device)
+    features, logits = image_outputs(classifier, samples.clamp(-1, 1))
+    reference_features, _, reference_labels = dataset_outputs(classifier, data.train)
+    requested = requested.cpu()
+    per_class = [frechet_distance(features[requested == c], reference_features[reference_labels == c])
+                 for c in requested.unique().tolist()]
+    return {"conditional_accuracy": (logits.argmax(dim=1) == requested).float().mean().item(),
+            "fd_per_class": sum(per_class) / len(per_class)}
+
+
 def train_test_floor(splits: DataSplits, classifier: ImageClassifier) -> float:
     """FD between the train and validation splits' classifier features: the value a perfect model
     would reach with as many samples as the validation split holds.

@@ -128,6 +128,37 @@ def plot_curves(stage: StageResult, path: Path) -> Path | None:
     return path
 
 
+GUIDANCE_SWEEP_KEYS = ("conditional_accuracy", "fd", "fd_per_class", "sampling_seconds_per_sample")
+
+
+def format_guidance_sweep(reports: list[dict]) -> str:
+    """A markdown table of `evaluate_generation` reports at several guidance scales, one row each."""
+    lines = ["| guidance w | " + " | ".join(GUIDANCE_SWEEP_KEYS) + " |", "|---" * (len(GUIDANCE_SWEEP_KEYS) + 1) + "|"]
+    for report in reports:
+        cells = [fmt(report["mean"].get(key), 4) for key in GUIDANCE_SWEEP_KEYS]
+        lines.append(f"| {report['guidance_scale']:g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_guidance_sweep(reports: list[dict], path: Path) -> Path:
+    """FD against conditional accuracy, a point per guidance scale: the trade-off curve of
+    classifier-free guidance (Ho & Salimans 2022, fig. 4)."""
+    accuracy = [100 * r["mean"]["conditional_accuracy"] for r in reports]
+    fd = [r["mean"]["fd"] for r in reports]
+    figure, ax = plt.subplots(figsize=(4.2, 3.2))
+    ax.plot(accuracy, fd, marker="o")
+    for a, f, report in zip(accuracy, fd, reports):
+        ax.annotate(f"w={report['guidance_scale']:g}", (a, f), textcoords="offset points", xytext=(-8, 6), fontsize=8)
+    ax.set_xlabel("conditional accuracy (%)")
+    ax.set_ylabel("Fréchet distance")
+    ax.grid(alpha=0.3)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
 def copy_image(source: Path, out: Path, name: str) -> str | None:
     """Copy a PNG next to the page; its relative path, or None when the run has none."""
     if not source.is_file():
@@ -149,6 +180,10 @@ def fmt(value, digits: int = 3) -> str:
     return str(value)
 
 
+def percent(fraction: float | None) -> float | None:
+    return None if fraction is None else 100 * fraction
+
+
 def likelihood(stage: StageResult) -> str:
     """The family's answer to "what is ln p(x)?", with the measured value where there is one."""
     found = stage.kind.likelihood(stage.metrics, stage.space)
@@ -160,7 +195,8 @@ def likelihood(stage: StageResult) -> str:
 
 
 COMPARISON_COLUMNS = ["run / stage", "family", "space", "parameters", "training s", "likelihood", "FD",
-                      "FD floor", "SWD", "classes", "class KL", "modes", "% HQ", "sampling s / sample", "evaluations / sample"]
+                      "FD floor", "SWD", "classes", "class KL", "% of requested class", "FD per class", "modes", "% HQ",
+                      "sampling s / sample", "evaluations / sample"]
 
 
 def comparison_rows(stages: list[StageResult]) -> list[list[str]]:
@@ -169,12 +205,12 @@ def comparison_rows(stages: list[StageResult]) -> list[list[str]]:
     for s in stages:
         if s.kind.evaluation_task != "generation":
             continue
-        high_quality = s.metric("high_quality_fraction")
         rows.append([s.label, s.kind.kind, SPACE_NAMES.get(s.space, s.space), fmt(s.sampling_parameters()),
                      fmt(s.metrics.get("train_seconds"), 4), likelihood(s), fmt(s.metric("fd")),
                      fmt(s.metric("fd_train_vs_heldout")), fmt(s.metric("swd")), fmt(s.metric("classes_covered")),
-                     fmt(s.metric("class_kl")), fmt(s.metric("modes_covered")),
-                     fmt(None if high_quality is None else 100 * high_quality),
+                     fmt(s.metric("class_kl")), fmt(percent(s.metric("conditional_accuracy"))),
+                     fmt(s.metric("fd_per_class")), fmt(s.metric("modes_covered")),
+                     fmt(percent(s.metric("high_quality_fraction"))),
                      fmt(s.metric("sampling_seconds_per_sample")), s.evaluations_per_sample()])
     return rows
 

@@ -12,7 +12,7 @@ import torch
 
 from .data import DataSplits, load_data
 from .diffusion import class_labels_for, sampler_and_steps
-from .evaluation import generation_metrics
+from .evaluation import conditional_metrics, generation_metrics
 from .registry import get_stage_kind, parse_run_config
 from .stage_folder import finished_stages, read_run_config, stage_block, verify_exported_weights
 from .stages.base import Stage
@@ -63,24 +63,31 @@ def _draw(stage_dir: Path, stage_kind: type[Stage], num_samples: int, seed: int,
 
 def evaluate_generation(stage_dir: str | Path, num_samples: int, seeds: list[int], *, sampler: str | None = None,
                         steps: int | None = None, batch_size: int = 256, device: str | torch.device | None = None,
-                        data: DataSplits | None = None) -> dict:
+                        data: DataSplits | None = None, guidance_scale: float = 1.0) -> dict:
     """Sample `num_samples` per seed and score them against the stage's own data
     (`evaluation.generation_metrics`, with the FD of the input VAE's prior for latent stages, as at
-    the end of training). Returns {"model_dir", "sampler", "steps", "num_samples", "mean", "per_seed"}:
-    the JSON that `stagediff evaluate --out` writes and model cards read. `data`: the stage's data,
-    when the caller has loaded it already (default: loaded from the folder's config)."""
+    the end of training; class-conditional stages draw balanced classes with `guidance_scale` and
+    add `evaluation.conditional_metrics`). Returns {"model_dir", "sampler", "steps", "num_samples",
+    "mean", "per_seed"} (and "guidance_scale" for conditional stages): the JSON that `stagediff
+    evaluate --out` writes and model cards read. `data`: the stage's data, when the caller has
+    loaded it already (default: loaded from the folder's config)."""
     stage_dir, stage_kind = resolve_stage_dir(stage_dir)
     data = data or load_data(parse_run_config(read_run_config(stage_dir)).data)
     vae_dir = stage_dir / "vae" if stage_kind.space(stage_dir) == "latent" else None
     device = pick_device(device)
+    # The labels _draw gives a conditional stage by default (balanced), checked here before sampling.
+    requested = class_labels_for(stage_kind.num_classes(stage_dir), num_samples, guidance_scale=guidance_scale)
     runs = []
     for seed in seeds:
         started = time.perf_counter()
-        samples = _draw(stage_dir, stage_kind, num_samples, seed, sampler, steps, batch_size, device)
+        samples = _draw(stage_dir, stage_kind, num_samples, seed, sampler, steps, batch_size, device,
+                        guidance_scale=guidance_scale)
         seconds = (time.perf_counter() - started) / len(samples)
+        conditional = {} if requested is None else conditional_metrics(samples, requested, data, device)
         runs.append({"seed": seed, "sampling_seconds_per_sample": seconds,
-                     **generation_metrics(samples, data, device, vae_dir)})
+                     **generation_metrics(samples, data, device, vae_dir), **conditional})
     mean = {key: statistics.fmean(r[key] for r in runs) for key in runs[0] if key != "seed"}
     sampler, steps = sampler_and_steps(sampler, steps)
+    guidance = {} if requested is None else {"guidance_scale": guidance_scale}
     return {"model_dir": str(stage_dir), "sampler": sampler, "steps": steps, "num_samples": num_samples,
-            "mean": mean, "per_seed": runs}
+            **guidance, "mean": mean, "per_seed": runs}

@@ -6,6 +6,7 @@ The trained model learns two classes of 8x8 images, all black ("dark", class 0) 
 ("light", class 1): a sample's class is the sign of its mean pixel. A sampler that ignored the
 labels would draw each class half of the time."""
 
+import json
 import math
 import re
 from pathlib import Path
@@ -25,6 +26,7 @@ from stagediff.pipelines.config import ConfigError
 from stagediff.pipelines.data import load_data
 from stagediff.pipelines.diffusion import (SAMPLERS, ImageDiffusionPipeline, LatentDiffusionPipeline, denoise,
                                            make_sampler)
+from stagediff.pipelines.evaluation import conditional_metrics
 from stagediff.pipelines.hub import build_upload_folder
 from stagediff.pipelines.registry import parse_run_config
 from stagediff.pipelines.sampling import generate
@@ -283,3 +285,31 @@ def test_class_conditional_on_unlabelled_data_names_the_key_and_the_data(tmp_pat
 def test_guidance_config_errors_name_the_key(model, message):
     with pytest.raises(ConfigError, match=message):
         parse_run_config({"data": {"source": "toy"}, "stages": [{"name": "ddpm", "kind": "ddpm", "model": model}]})
+
+
+# --------------------------------------------------------------------------------- metrics
+
+
+def test_conditional_metrics_score_samples_against_their_requested_classes(two_class_run):
+    data = load_data(parse_run_config(two_class_run).data)
+    images = torch.stack([item["x"] for item in data.validation])
+    labels = torch.stack([item["label"] for item in data.validation])
+    right = conditional_metrics(images, labels, data, "cpu")
+    wrong = conditional_metrics(images, 1 - labels, data, "cpu")  # every image requested as the other class
+    assert right["conditional_accuracy"] == 1.0 and wrong["conditional_accuracy"] == 0.0
+    # Each class's images against the train split's images of the same class: identical images,
+    # a distance of zero up to round-off; against the other class's, a distance between the classes.
+    assert right["fd_per_class"] < 1e-3 * wrong["fd_per_class"]
+
+
+def test_training_and_evaluate_report_conditional_accuracy_and_sweep_guidance(two_class_run, stage_dir, tmp_path,
+                                                                             capsys):
+    metrics = json.loads((stage_dir / "metrics.json").read_text())
+    assert metrics["conditional_accuracy"] >= 0.9 and "fd_per_class" in metrics  # balanced labels, w = 3
+    out = tmp_path / "sweep.json"
+    main(["evaluate", str(stage_dir), "--n", "16", "--steps", "10", "--guidance-scale", "1", "3", "--out", str(out)])
+    reports = json.loads(out.read_text())
+    assert [r["guidance_scale"] for r in reports] == [1.0, 3.0]
+    assert all(r["mean"]["conditional_accuracy"] >= 0.85 for r in reports)
+    assert Image.open(out.with_suffix(".png")).size[0] > 100  # FD against accuracy, a point per w
+    assert "| guidance w | conditional_accuracy | fd | fd_per_class" in capsys.readouterr().out

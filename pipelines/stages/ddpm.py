@@ -186,14 +186,8 @@ class DDPMStage(DataSpaceStage):
         return self.to_data_space(denoise(model.network, sampler, shape, cfg.num_inference_steps, None, device,
                                           class_labels=labels, guidance_scale=cfg.guidance_scale))
 
-    @torch.no_grad()
-    def preview(self, model: EpsilonPredictionLoss, batch: torch.Tensor) -> torch.Tensor:
-        """Class-conditional: one row of 8 samples per class (the first 16 classes)."""
-        classes = class_count(model.network.config)
-        if classes is None:
-            return super().preview(model, batch)
-        labels = torch.arange(min(classes, 16)).repeat_interleave(8)
-        return self.generate(model, len(labels), labels)
+    def trained_classes(self, model: EpsilonPredictionLoss) -> int | None:
+        return class_count(model.network.config)
 
     def export(self, model: EpsilonPredictionLoss, stage_dir: Path) -> None:
         network, scheduler = model.network, model.scheduler

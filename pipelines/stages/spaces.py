@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from ..evaluation import generation_metrics
+from ..evaluation import conditional_metrics, generation_metrics
 from ..images import scatter_image
 from ..latents import cached_latents, check_vae_input, decode_latents, load_vae, sample_posterior
 from ..stage_folder import CACHE_DIR, write_space
@@ -50,7 +50,12 @@ class DataSpaceStage(Stage):
 
     @abc.abstractmethod
     def generate(self, model: torch.nn.Module, num_samples: int) -> torch.Tensor:
-        """`num_samples` samples in data space (see `to_data_space`) from the training module."""
+        """`num_samples` samples in data space (see `to_data_space`) from the training module; a
+        class-conditional family's also takes `class_labels` (default: balanced classes)."""
+
+    def trained_classes(self, model: torch.nn.Module) -> int | None:
+        """K of a class-conditional training module (its samples take labels 0..K-1), else None."""
+        return None
 
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module, loader, accelerator: Accelerator) -> dict[str, float]:
@@ -58,10 +63,15 @@ class DataSpaceStage(Stage):
         metrics = self.validate(model, loader, accelerator)
         if accelerator.is_main_process:
             num_samples = self.config.model.num_eval_samples
+            classes = self.trained_classes(model)
+            requested = None if classes is None else torch.arange(num_samples) % classes  # balanced
             started = time.perf_counter()
-            samples = self.generate(model, num_samples)
+            samples = self.generate(model, num_samples) if requested is None else self.generate(
+                model, num_samples, requested)
             metrics["sampling_seconds_per_sample"] = (time.perf_counter() - started) / num_samples
             metrics.update(generation_metrics(samples, self.pixel_data, accelerator.device, self.vae_dir))
+            if requested is not None:
+                metrics.update(conditional_metrics(samples, requested, self.pixel_data, accelerator.device))
             metrics.update(self.sample_metrics(samples))
         return metrics
 
@@ -71,6 +81,11 @@ class DataSpaceStage(Stage):
 
     @torch.no_grad()
     def preview(self, model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        """64 samples; class-conditional: one row of 8 samples per class (the first 16 classes)."""
+        classes = self.trained_classes(model)
+        if classes is not None:
+            labels = torch.arange(min(classes, 16)).repeat_interleave(8)
+            return self.generate(model, len(labels), labels)
         if self.data.kind == "vector":
             return scatter_image(self.generate(model, 2000))
         return self.generate(model, 64)
