@@ -38,6 +38,11 @@ def check_targets(report: dict) -> list[dict]:
         if "denoising_seconds_per_sample" in dpm20:
             speed = ddpm["denoising_seconds_per_sample"] / dpm20["denoising_seconds_per_sample"]
             add("DDPM (all T) vs DPM-Solver++ 20 sampling time, denoising only", speed, ">= 40x", speed >= 40)
+    guided = report.get("sampling", {}).get("guided")
+    if guided:
+        ratio = guided["time_vs_unguided"]
+        add(f"guided (w = {guided['guidance_scale']:g}) vs unguided DPM-Solver++ 20 time per sample, denoising",
+            ratio, "<= 2.1x", ratio <= 2.1)
     return targets
 
 
@@ -85,6 +90,11 @@ def format_report(report: dict) -> str:
                          f"{r.get('class_kl', float('nan')):.3g} | {r['sampling_seconds_per_sample']:.4f} |")
         if "vae_decode_seconds_per_sample" in sampling:
             lines.append(f"| (of which VAE decoding) | | | | {sampling['vae_decode_seconds_per_sample']:.4f} |")
+        if "guided" in sampling:
+            g = sampling["guided"]
+            lines.append(f"| dpmsolver 20, guidance w = {g['guidance_scale']:g} | {g.get('fd', float('nan')):.3g} | "
+                         f"{g.get('classes_covered', float('nan')):g} | {g.get('class_kl', float('nan')):.3g} | "
+                         f"{g['sampling_seconds_per_sample']:.4f} |")
     elif "skipped" in sampling:
         lines.append(f"\nsampling skipped: {sampling['skipped']}")
     lines += ["", "| target | goal | measured | met |", "|---|---|---|---|"]

@@ -1,6 +1,7 @@
 """Sampling cost and quality per sampler on a trained latent DDPM: seconds per image and the
 metrics of `stagediff evaluate` (`pipelines.sampling.evaluate_generation`), for DDPM over all T
-steps, DDIM 50 and DPM-Solver++ 10 and 20, with the VAE decoder's share of the time."""
+steps, DDIM 50 and DPM-Solver++ 10 and 20, with the VAE decoder's share of the time; for a
+class-conditional model also DPM-Solver++ 20 with classifier-free guidance, against unguided."""
 
 from __future__ import annotations
 
@@ -17,12 +18,13 @@ from stagediff.pipelines.sampling import evaluate_generation, pick_device, resol
 from stagediff.pipelines.stage_folder import read_run_config, read_space
 
 SAMPLERS = [("ddpm", None), ("ddim", 50), ("dpmsolver", 10), ("dpmsolver", 20)]  # None: all T steps
+GUIDANCE_SCALE = 3.0  # configs/mnist_ldm_cond.yaml's
 
 
 def measure_samplers(ldm_dir: Path, n: int, seed: int, device: str | None, seeds: int = 1) -> dict:
     """`stagediff evaluate`'s sampling and metrics per sampler, averaged over seeds
     seed..seed+seeds-1 as `evaluate --seeds` does (each seed's FD is kept)."""
-    stage_dir, _ = resolve_stage_dir(ldm_dir)
+    stage_dir, stage_kind = resolve_stage_dir(ldm_dir)
     seed_list = list(range(seed, seed + seeds))
     data = load_data(parse_run_config(read_run_config(stage_dir)).data)  # once for every sampler
     results = []
@@ -43,4 +45,19 @@ def measure_samplers(ldm_dir: Path, n: int, seed: int, device: str | None, seeds
         report["vae_decode_seconds_per_sample"] = decode
         for r in results:
             r["denoising_seconds_per_sample"] = r["sampling_seconds_per_sample"] - decode
+    if stage_kind.num_classes(stage_dir) is not None:
+        report["guided"] = _guided_vs_unguided(stage_dir, n, seed_list, device, data, results[-1],
+                                               report.get("vae_decode_seconds_per_sample", 0.0))
     return report
+
+
+def _guided_vs_unguided(stage_dir: Path, n: int, seeds: list[int], device: str | None, data,
+                        unguided: dict, decode_seconds: float) -> dict:
+    """DPM-Solver++ 20 with guidance GUIDANCE_SCALE: its metrics and its denoising time per sample
+    over the unguided run's (`unguided`, the same sampler and classes); one network call of batch
+    2B per step, so at most ~2x."""
+    guided = evaluate_generation(stage_dir, n, seeds, sampler="dpmsolver", steps=20, device=device, data=data,
+                                 guidance_scale=GUIDANCE_SCALE)["mean"]
+    denoising = guided["sampling_seconds_per_sample"] - decode_seconds
+    return {"guidance_scale": GUIDANCE_SCALE, **guided, "denoising_seconds_per_sample": denoising,
+            "time_vs_unguided": denoising / (unguided["sampling_seconds_per_sample"] - decode_seconds)}

@@ -20,6 +20,8 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from torch import nn
 
+from stagediff.benchmarks.report import check_targets
+from stagediff.benchmarks.sampling import measure_samplers
 from stagediff.modules.ddpm import EpsilonPredictionLoss
 from stagediff.pipelines.cli import main
 from stagediff.pipelines.config import ConfigError
@@ -313,3 +315,18 @@ def test_training_and_evaluate_report_conditional_accuracy_and_sweep_guidance(tw
     assert all(r["mean"]["conditional_accuracy"] >= 0.85 for r in reports)
     assert Image.open(out.with_suffix(".png")).size[0] > 100  # FD against accuracy, a point per w
     assert "| guidance w | conditional_accuracy | fd | fd_per_class" in capsys.readouterr().out
+
+
+def test_benchmark_measures_guided_sampling_against_unguided(stage_dir):
+    report = measure_samplers(stage_dir, 8, 0, "cpu")
+    guided, unguided = report["guided"], report["results"][-1]
+    assert guided["guidance_scale"] == 3.0 and (unguided["sampler"], unguided["steps"]) == ("dpmsolver", 20)
+    assert guided["time_vs_unguided"] == pytest.approx(
+        guided["sampling_seconds_per_sample"] / unguided["sampling_seconds_per_sample"])  # pixels: nothing decoded
+    assert guided["conditional_accuracy"] >= 0.75 and unguided["conditional_accuracy"] >= 0.75
+    benchmark = {"settings": {"headline_precision": "fp32"}, "speedup_vs_baseline": {"fp32": 2.5},
+                 "flops": {"fraction_of_peak": 0.5}, "data_pipeline": {"latent": {"loader_to_step_ratio": 3}},
+                 "sampling": report}  # the rest of a benchmark's report, as check_targets reads it
+    targets = {t["target"]: t for t in check_targets(benchmark)}
+    assert targets["guided (w = 3) vs unguided DPM-Solver++ 20 time per sample, denoising"]["measured"] == \
+        guided["time_vs_unguided"]
