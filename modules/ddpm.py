@@ -10,7 +10,10 @@ import torch
 from diffusers import ConfigMixin, DDPMScheduler, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.unets.unet_2d import UNet2DOutput
+from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
+
+from .divergences import kl_normal_diag
 
 
 class EpsilonPredictionLoss(nn.Module):
@@ -123,3 +126,78 @@ class MLPDenoiser(ModelMixin, ConfigMixin):
         for block in self.blocks:
             h = h + block(h)  # residual: keeps the deep MLP easy to optimise
         return UNet2DOutput(sample=self.output(h))
+
+
+@torch.no_grad()
+def variational_bound(network: nn.Module, scheduler: DDPMScheduler, x0: torch.Tensor,
+                      generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """The seed's variational bound on -ln p(x_0) of 8-bit images, in nats per example (Ho et al.
+    2020, eq. 5), for a pixel-space noise predictor:
+
+        L = L_T + sum_{t=2}^T L_{t-1} + L_0,
+        L_T     = KL(q(x_T | x_0) || N(0, I)),
+        L_{t-1} = KL(q(x_{t-1} | x_t, x_0) || p_theta(x_{t-1} | x_t)),  x_t ~ q(x_t | x_0),
+        L_0     = -ln P_theta(x_0 | x_1), the discretized Gaussian decoder,
+
+    each KL the seed's closed form between Gaussians (`divergences.kl_normal_diag`), one draw of
+    x_t per term. q(x_{t-1} | x_t, x_0) = N(mu~_t, beta~_t I) with
+    mu~_t = sqrt(abar_{t-1}) beta_t / (1 - abar_t) x_0 + sqrt(alpha_t) (1 - abar_{t-1}) / (1 - abar_t) x_t
+    and beta~_t = (1 - abar_{t-1}) / (1 - abar_t) beta_t; p_theta's mean is the seed's
+    mu_theta = (x_t - beta_t / sqrt(1 - abar_t) eps_theta) / sqrt(alpha_t), its variance beta~_t
+    (the samplers' "fixed_small"), except at t = 1, where beta~_1 = 0 and the decoder takes
+    beta~_2 (Ho et al.'s code). L_0 is a probability of the 8-bit values (bins of width 2/255 in
+    [-1, 1], the outer ones open), so L / (D ln 2) is in bits/dim of the [0, 256) data, the
+    convention of `likelihood.bits_per_dim` (a uniform model scores 8).
+
+    Args:
+        network: eps_theta(x_t, t) (or v_theta, per the scheduler's prediction_type).
+        scheduler: the training schedule.
+        x0: (B, C, H, W) 8-bit images stored as k / 127.5 - 1.
+
+    Returns:
+        {"prior": L_T, "diffusion": sum of L_{t-1} for t >= 2, "decoder": L_0, "total": L}, each (B,).
+    """
+    x0 = x0.double()
+    beta = scheduler.betas.double().to(x0.device)  # index i is Ho et al.'s t = i + 1
+    abar = torch.cumprod(1 - beta, 0)  # in float64: differences of float32 products lose ~1e-5
+    abar_prev = torch.cat([abar.new_ones(1), abar[:-1]])
+    posterior_var = beta * (1 - abar_prev) / (1 - abar)
+    reverse_logvar = torch.cat([posterior_var[1:2], posterior_var[1:]]).log()
+    dtype = next(network.parameters()).dtype
+
+    def flat_kl(mean0, logvar0, mean1, logvar1):
+        return kl_normal_diag(mean0.flatten(1), logvar0.expand_as(mean0).flatten(1), mean1.flatten(1),
+                              logvar1.expand_as(mean1).flatten(1))
+
+    prior = flat_kl(abar[-1].sqrt() * x0, (1 - abar[-1]).log(), torch.zeros_like(x0), x0.new_zeros(()))
+    diffusion = torch.zeros_like(prior)
+    decoder = None
+    for i in range(len(abar)):
+        eps = randn_tensor(x0.shape, generator=generator, device=x0.device, dtype=torch.float64)
+        xt = abar[i].sqrt() * x0 + (1 - abar[i]).sqrt() * eps
+        t = torch.full((len(x0),), i, device=x0.device)
+        output = network(xt.to(dtype), t).sample.double()
+        if scheduler.config.prediction_type == "v_prediction":  # v = sqrt(abar) eps - sqrt(1 - abar) x_0
+            output = abar[i].sqrt() * output + (1 - abar[i]).sqrt() * xt
+        mean_theta = (xt - beta[i] / (1 - abar[i]).sqrt() * output) / (1 - beta[i]).sqrt()
+        if i == 0:
+            decoder = -discretized_gaussian_log_likelihood(x0, mean_theta, reverse_logvar[0]).flatten(1).sum(1)
+            continue
+        mean_posterior = (abar_prev[i].sqrt() * beta[i] * x0 + (1 - beta[i]).sqrt() * (1 - abar_prev[i]) * xt) / (
+            1 - abar[i])
+        diffusion += flat_kl(mean_posterior, posterior_var[i].log(), mean_theta, reverse_logvar[i])
+    return {"prior": prior, "diffusion": diffusion, "decoder": decoder, "total": prior + diffusion + decoder}
+
+
+def discretized_gaussian_log_likelihood(x0: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """ln P(x_0) per pixel for 8-bit values x_0 = k / 127.5 - 1 under N(mean, exp(logvar)) integrated
+    over each value's bin [x_0 - 1/255, x_0 + 1/255], the end bins extended to -inf and +inf (Ho
+    et al. 2020, eq. 13), computed from log-CDFs so that far tails stay finite."""
+    std = (0.5 * logvar).exp()
+    upper = torch.where(x0 > 1 - 1e-3, torch.full_like(x0, math.inf), (x0 + 1 / 255 - mean) / std)
+    lower = torch.where(x0 < -1 + 1e-3, torch.full_like(x0, -math.inf), (x0 - 1 / 255 - mean) / std)
+    # ln(Phi(upper) - Phi(lower)), on whichever side of the mean the bin lies: Phi(-z) = 1 - Phi(z).
+    flip = lower > 0
+    upper, lower = torch.where(flip, -lower, upper), torch.where(flip, -upper, lower)
+    log_upper, log_lower = torch.special.log_ndtr(upper), torch.special.log_ndtr(lower)
+    return log_upper + torch.log1p(-(log_lower - log_upper).exp().clamp(max=1 - 1e-15))

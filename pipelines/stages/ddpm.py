@@ -9,6 +9,7 @@ images or latents, sampled with classifier-free guidance (Ho & Salimans 2022).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -17,7 +18,7 @@ import torch
 from accelerate import Accelerator
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
-from ...modules.ddpm import EpsilonPredictionLoss, MLPDenoiser, class_count
+from ...modules.ddpm import EpsilonPredictionLoss, MLPDenoiser, class_count, variational_bound
 from ..diffusion import (ImageDiffusionPipeline, LatentDiffusionPipeline, class_labels_for, denoise, make_sampler,
                          sampler_and_steps)
 from ..latents import load_vae
@@ -102,6 +103,10 @@ class DDPMModelConfig(DiffusionConfig):
     cond_drop_prob: float = 0.1
     # Classifier-free guidance w of evaluation and previews (diffusers' convention: 1 is none).
     guidance_scale: float = 1.0
+    # Pixel models: held-out images whose variational bound on -ln p(x) (Ho et al. 2020, eq. 5,
+    # modules/ddpm.variational_bound) the end of training reports in bits/dim; 0: none. It costs
+    # num_train_timesteps network passes per image (100 images of 32x32: ~3 minutes on 2 CPU cores).
+    num_bound_images: int = 0
 
     def __post_init__(self):
         super().__post_init__()
@@ -111,6 +116,8 @@ class DDPMModelConfig(DiffusionConfig):
         if self.guidance_scale < 0:
             raise ValueError(f"guidance_scale: {self.guidance_scale!r} is not valid; expected a number >= 0 (1: no "
                              "guidance)")
+        if self.num_bound_images < 0:
+            raise ValueError(f"num_bound_images: {self.num_bound_images!r} is not valid; expected an integer >= 0")
         if self.guidance_scale != 1 and not (self.class_conditional and self.cond_drop_prob > 0):
             raise ValueError(f"guidance_scale: {self.guidance_scale!r} needs class_conditional: true and "
                              "cond_drop_prob > 0 (guidance combines the conditional and the null-class model)")
@@ -142,6 +149,10 @@ class DDPMStage(DataSpaceStage):
             raise ValueError(f"stages.{config.name}.model.class_conditional: true needs labelled images, and the "
                              f"data ({data.description}) has {what}; use a labelled data.source (mnist, an "
                              "imagefolder with class subfolders, a hub dataset with data.label_column)")
+        if config.model.num_bound_images and (data.kind != "image" or config.model.class_conditional):
+            raise ValueError(f"stages.{config.name}.model.num_bound_images: the variational bound is computed for "
+                             f"unconditional pixel-space models (8-bit images), not for this one (data "
+                             f"{data.kind}{', class-conditional' if config.model.class_conditional else ''}); set it to 0")
         super().__init__(config, data, input_dir)
 
     def build_model(self) -> EpsilonPredictionLoss:
@@ -185,6 +196,28 @@ class DDPMStage(DataSpaceStage):
                                   device)
         return self.to_data_space(denoise(model.network, sampler, shape, cfg.num_inference_steps, None, device,
                                           class_labels=labels, guidance_scale=cfg.guidance_scale))
+
+    @torch.no_grad()
+    def evaluate(self, model: EpsilonPredictionLoss, loader, accelerator: Accelerator) -> dict[str, float]:
+        """The data-space metrics, and with `num_bound_images` the variational bound on -ln p(x) of
+        that many held-out images, in bits/dim (`nll_bound_bits_per_dim`, the seed's L_T + sum of
+        KLs + L_0) with its three terms' shares."""
+        metrics = super().evaluate(model, loader, accelerator)
+        count = self.config.model.num_bound_images
+        if count and accelerator.is_main_process:
+            device = next(model.parameters()).device
+            images = torch.stack([self.data.validation[i]["x"] for i in range(min(count, len(self.data.validation)))])
+            generator = torch.Generator(device).manual_seed(0)
+            terms = {name: [] for name in ("prior", "diffusion", "decoder", "total")}
+            for batch in images.split(100):
+                for name, value in variational_bound(model.network, model.scheduler, batch.to(device),
+                                                     generator).items():
+                    terms[name].append(value.cpu())
+            to_bits = math.log(2) * images[0].numel()
+            for name, values in terms.items():
+                key = "nll_bound_bits_per_dim" if name == "total" else f"nll_bound_{name}_bits_per_dim"
+                metrics[key] = torch.cat(values).mean().item() / to_bits
+        return metrics
 
     def trained_classes(self, model: EpsilonPredictionLoss) -> int | None:
         return class_count(model.network.config)
@@ -234,7 +267,7 @@ class DDPMStage(DataSpaceStage):
 
     @classmethod
     def likelihood(cls, metrics: dict, space: str) -> Likelihood:
-        return Likelihood("bound")  # not evaluated yet
+        return Likelihood("bound", metrics.get("nll_bound_bits_per_dim"), "bits/dim", "variational bound")
 
     @classmethod
     def passes_per_sample(cls, block: dict) -> str:
