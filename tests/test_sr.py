@@ -127,7 +127,9 @@ def test_residual_diffusion_learns_the_scaled_detail_and_samples_add_it_back(tmp
     pair = stage.pair(x, train=False)
     assert torch.allclose(pair[:, :1], (x - upsampled) * 4, atol=1e-6) and torch.equal(pair[:, 1:], upsampled)
 
-    unet = stage.build_model().network.eval()
+    model = stage.build_model()
+    assert not model.scheduler.config.clip_sample  # a residual's scaled detail leaves [-1, 1]
+    unet = model.network.eval()
     scheduler = DDIMScheduler(prediction_type="v_prediction")
     low_res = downsample(x, 4)
     out = super_resolve(unet, scheduler, low_res, 4, num_inference_steps=5, residual=True, residual_scale=4.0,
@@ -182,6 +184,9 @@ def test_sr_stages_train_and_report_fidelity(sr_run):
     assert (unet.config.in_channels, unet.config.out_channels, unet.config.sample_size) == (2, 1, 8)
     unet = UNet2DModel.from_pretrained(f"{config.output_dir}/pixel_sr/unet")
     assert (unet.config.in_channels, unet.config.out_channels, unet.config.sample_size) == (2, 1, 16)
+    # Samplers clip x_0 estimates of pixels, never of latents.
+    assert SuperResolutionPipeline.from_pretrained(f"{config.output_dir}/pixel_sr").scheduler.config.clip_sample
+    assert not SuperResolutionPipeline.from_pretrained(f"{config.output_dir}/latent_sr").scheduler.config.clip_sample
     unet = UNet2DModel.from_pretrained(f"{config.output_dir}/regression/unet")
     assert (unet.config.in_channels, unet.config.out_channels) == (1, 1)
     # The residual regressor's folder says so: its pipeline adds the upsampled input to the UNet's

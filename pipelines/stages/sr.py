@@ -109,8 +109,12 @@ class SRStage(DataSpaceStage):
         channels, size, _ = self.data.sample_shape
         if cfg.objective == "regression":
             return RegressionLoss(cfg.make_unet(size, self.image_channels, channels), self.image_channels)
+        # Samplers clip x_0 estimates to [-1, 1] where the target is pixels: SR3 on x (photos_sr's
+        # x-target SR3, 100 held-out crops: PSNR 16.99 -> 17.06, consistency 22.62 -> 22.69 dB, SWD
+        # 125.9 -> 125.2), never a residual (its scaled detail leaves [-1, 1]) or latents.
+        clip = self.vae_dir is None and not cfg.residual
         return EpsilonPredictionLoss(cfg.make_unet(size, channels + self.image_channels, channels),
-                                     cfg.make_train_scheduler(), condition_channels=self.image_channels)
+                                     cfg.make_train_scheduler(clip_sample=clip), condition_channels=self.image_channels)
 
     def pair(self, x: torch.Tensor, train: bool) -> torch.Tensor:
         """A data batch -> [target, condition] on the channel axis, what the training module splits.
