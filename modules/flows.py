@@ -10,6 +10,13 @@ Change of variables. With z = h(x; theta) invertible and dz = |det J_h(x)| dx,
 by maximum likelihood, L(theta) = 1/N sum_i -ln p_model(x_i | theta) (the seed's KL(p_data || p_model)
 up to a constant), with early stopping on a validation set.
 
+Class-conditional (issue 16): the same change of variables with a base density per class c,
+N(mu_c, I) with a learned mean mu_c, so that h is shared and the conditional density is exact:
+
+    -ln p_model(x | c) = 1/2 ||h(x; theta) - mu_c||^2 - ln |det J_h(x; theta)| + cst,
+
+and Bayes' rule gives the generative classifier argmax_c ln p(x | c) + ln p(c).
+
 Conventions shared by every layer here:
 
 - `forward(x) -> (y, logdet)` goes in the data -> latent direction h; `logdet` is
@@ -473,6 +480,12 @@ def flow_step(num_channels: int, coupling: nn.Module) -> FlowSequence:
 class NormalizingFlow(ModelMixin, ConfigMixin):
     """p_model(x | theta) = N(h(x; theta); 0, I) |det J_h(x)| with an exactly invertible h.
 
+    Class-conditional (`num_classes` K): p_model(x | c) = N(h(x; theta); mu_c, I) |det J_h(x)|,
+    one learned base mean mu_c per class (`class_means`, (K, D), zero-initialised: training
+    starts from the unconditional flow), and the class prior ln p(c) as the buffer
+    `class_log_prior` (K,) (uniform until the owner sets it, e.g. to training frequencies); both
+    are saved with the weights. Without `num_classes` the flow has neither.
+
     Vectors, sample_shape = (D,): `steps_per_scale` steps of [ActNorm, invertible linear map (LU),
     affine coupling with alternating halves (MLP ResNet)]; `num_scales` is ignored.
 
@@ -498,17 +511,24 @@ class NormalizingFlow(ModelMixin, ConfigMixin):
         coupling_mask: "channel" (Glow) or "checkerboard" (RealNVP) for image couplings. The
             couplings act after each squeeze, so a checkerboard at 1x1 resolution (the last scale
             of a fully squeezed image) degenerates to an input-independent affine map.
+        num_classes: K of a class-conditional flow (labels 0..K-1); None: unconditional.
     """
 
     @register_to_config
     def __init__(self, sample_shape: Sequence[int] = (2,), num_scales: int = 2, steps_per_scale: int = 4,
                  hidden_channels: int = 64, num_blocks: int = 2, scale_bound: float = 2.0,
                  coupling_mask: str = "channel", coupling: str = "affine", num_bins: int = 8,
-                 spline_bound: float = 4.0):
+                 spline_bound: float = 4.0, num_classes: int | None = None):
         super().__init__()
         shape = tuple(int(n) for n in sample_shape)
         self.num_dims = math.prod(shape)
         self.is_image = len(shape) == 3
+        self.class_means = None
+        if num_classes is not None:
+            if num_classes < 1:
+                raise ValueError(f"num_classes must be None or >= 1, got {num_classes}")
+            self.class_means = nn.Parameter(torch.zeros(num_classes, self.num_dims))  # mu_c, (K, D)
+            self.register_buffer("class_log_prior", torch.full((num_classes,), -math.log(num_classes)))  # ln p(c)
         if len(shape) == 1:
             def vector_coupling(parity: int) -> nn.Module:
                 if coupling == "spline":
@@ -566,25 +586,65 @@ class NormalizingFlow(ModelMixin, ConfigMixin):
             x = self.scales[index].inverse(x)
         return x
 
-    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
-        """ln p_model(x) = ln N(h(x); 0, I) + ln |det J_h(x)|, exact: (B, ...) -> (B,) nats."""
-        z, logdet = self(x)
-        return standard_normal_log_prob(z) + logdet
+    def log_prob(self, x: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """ln p_model(x) = ln N(h(x); 0, I) + ln |det J_h(x)|, exact: (B, ...) -> (B,) nats.
 
-    def nll(self, x: torch.Tensor) -> torch.Tensor:
-        """-ln p_model(x) = 1/2 ||h(x)||^2 - ln |det J_h(x)| + D/2 ln 2 pi: (B,) nats."""
-        return -self.log_prob(x)
+        Class-conditional: ln p_model(x | c) for the (B,) `class_labels` c; where a label is -1
+        (unlabelled), or without labels, the marginal ln p_model(x) (`log_prob_given`)."""
+        if self.class_means is None:
+            if class_labels is not None:
+                raise ValueError("class_labels given to an unconditional flow (built without num_classes)")
+            z, logdet = self(x)
+            return standard_normal_log_prob(z) + logdet
+        return self.log_prob_given(self.class_log_likelihoods(x), class_labels)
 
-    def bits_per_dim(self, x: torch.Tensor) -> torch.Tensor:
+    def class_log_likelihoods(self, x: torch.Tensor) -> torch.Tensor:
+        """ln p_model(x | c) = ln N(h(x); mu_c, I) + ln |det J_h(x)| for every class c, from one
+        pass of h: (B, ...) -> (B, K) nats (class-conditional flows)."""
+        z, logdet = self(x)  # (B, D), (B,)
+        squared = (z[:, None, :] - self.class_means.to(z.dtype)).pow(2).sum(-1)  # (B, K) ||h(x) - mu_c||^2
+        return -0.5 * squared - 0.5 * self.num_dims * math.log(2 * math.pi) + logdet[:, None]
+
+    def log_prob_given(self, class_log_likelihoods: torch.Tensor,
+                       class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, K) ln p(x | c) -> (B,) ln p(x | c) at `class_labels`, and for unlabelled items (-1,
+        or no labels) the marginal ln p(x) = ln sum_c p(c) p(x | c), also exact."""
+        marginal = (class_log_likelihoods + self.class_log_prior).logsumexp(1)  # (B,)
+        if class_labels is None:
+            return marginal
+        given = class_log_likelihoods.gather(1, class_labels.clamp(min=0)[:, None]).squeeze(1)  # (B,)
+        return torch.where(class_labels >= 0, given, marginal)
+
+    def bayes_classify(self, class_log_likelihoods: torch.Tensor) -> torch.Tensor:
+        """The generative classifier: (B, K) ln p(x | c) -> (B,) argmax_c ln p(x | c) + ln p(c)."""
+        return (class_log_likelihoods + self.class_log_prior).argmax(1)
+
+    def nll(self, x: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """-ln p_model(x) = 1/2 ||h(x)||^2 - ln |det J_h(x)| + D/2 ln 2 pi: (B,) nats
+        (class-conditional: -ln p_model(x | c), see `log_prob`)."""
+        return -self.log_prob(x, class_labels)
+
+    def bits_per_dim(self, x: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
         """(B,) bits/dim of images x stored as k / 127.5 - 1 (dequantized), per modules.likelihood."""
-        return bits_per_dim(self.nll(x), self.num_dims)
+        return bits_per_dim(self.nll(x, class_labels), self.num_dims)
 
     @torch.no_grad()
-    def sample(self, num_samples: int, temperature: float = 1.0,
-               generator: torch.Generator | None = None) -> torch.Tensor:
-        """x = h^{-1}(T z), z ~ N(0, I): (num_samples, *sample_shape). temperature 0 gives h^{-1}(0)."""
+    def sample(self, num_samples: int, temperature: float = 1.0, generator: torch.Generator | None = None,
+               class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """x = h^{-1}(T z), z ~ N(0, I): (num_samples, *sample_shape). temperature 0 gives h^{-1}(0).
+
+        Class-conditional: x = h^{-1}(mu_c + T z) for the (num_samples,) `class_labels` c (the
+        temperature scales the spread around each class's mean); without labels c ~ p(c), i.e.
+        samples of the marginal."""
         z = randn_tensor((num_samples, self.num_dims), generator=generator, device=self.device, dtype=self.dtype)
-        return self.inverse(temperature * z)
+        if self.class_means is None:
+            if class_labels is not None:
+                raise ValueError("class_labels given to an unconditional flow (built without num_classes)")
+            return self.inverse(temperature * z)
+        if class_labels is None:
+            class_labels = torch.multinomial(self.class_log_prior.exp(), num_samples, replacement=True,
+                                             generator=generator)
+        return self.inverse(self.class_means[class_labels.to(self.device)] + temperature * z)
 
 
 class FlowNLLLoss(nn.Module):
@@ -600,6 +660,8 @@ class FlowNLLLoss(nn.Module):
         super().__init__()
         self.flow = flow
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        nll = self.flow.nll(x).float().mean()
+    def forward(self, x: torch.Tensor, class_labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """A class-conditional flow's loss is -ln p(x | c) for the (B,) `class_labels` (-1:
+        unlabelled, the marginal -ln p(x))."""
+        nll = self.flow.nll(x, class_labels).float().mean()
         return {"loss": nll / self.flow.num_dims, "nll_nats": nll}
