@@ -36,6 +36,20 @@ pipelines/stages/gan.py naming the two parameter groups); per training step, in 
   - Call the module (its `forward`), not `discriminator_terms` directly, when it is wrapped in
     DistributedDataParallel: only `forward` synchronises gradients. The discriminator phase leaves
     the generator's parameters unused, so DDP needs find_unused_parameters=True.
+
+Class-conditional GAN (cGAN): with `num_classes` K both players see a class c in 0..K-1. The
+generator f(z, c; theta) looks c up in a learned embedding concatenated to z (Mirza & Osindero
+2014); the discriminator is the projection discriminator of Miyato & Koyama 2018 ("cGANs with
+Projection Discriminator", eq. 3),
+
+    l(x, c) = psi(phi(x)) + <embed(c), phi(x)>,
+
+phi(x) its last hidden features and psi the linear output layer. The optimal logit is
+ln p_data(x, c) / p_m(x, c) = ln p_data(c | x) / p_m(c | x) + ln p_data(x) / p_m(x); with both
+class posteriors softmax models over shared features phi(x), the first term is <v_c, phi(x)> up
+to a function of x alone (absorbed into psi), hence the inner product rather than c concatenated
+to x. The losses are unchanged; fakes are drawn with the labels of the real batch they are judged
+with, so the classes' frequencies are the data's.
 """
 
 from __future__ import annotations
@@ -152,46 +166,55 @@ class Generator(ModelMixin, ConfigMixin):
         norm_num_groups: groups of "group" norm (gcd with the width is used).
         output_activation: "tanh" for data in [-1, 1] (pixels), "none" for unbounded data
             (VAE latents, toy vectors).
+        num_classes: K of a class-conditional generator f(z, c), c in 0..K-1: a (K, latent_dim)
+            embedding of c, N(0, I)-initialised like z, is concatenated to z; None: f(z).
     """
 
     @register_to_config
     def __init__(self, sample_shape: Sequence[int] = (2,), latent_dim: int = 64, hidden: int = 256,
                  num_layers: int = 3, base_channels: int = 64, max_channels: int = 512, norm: str = "batch",
-                 norm_num_groups: int = 8, output_activation: str = "tanh"):
+                 norm_num_groups: int = 8, output_activation: str = "tanh", num_classes: int | None = None):
         super().__init__()
         shape = _parse_shape(sample_shape)
         if output_activation not in OUTPUT_ACTIVATIONS:
             raise ValueError(f"unknown output_activation {output_activation!r}; valid: {', '.join(OUTPUT_ACTIVATIONS)}")
         self.shape = shape
         self.activation = nn.Tanh() if output_activation == "tanh" else nn.Identity()
+        self.class_embedding = _class_embedding(num_classes, latent_dim)
+        input_dim = latent_dim if num_classes is None else 2 * latent_dim  # [z, embed(c)]
         if len(shape) == 1:
-            layers, width = [], latent_dim
+            layers, width = [], input_dim
             for _ in range(num_layers):
                 layers += [nn.Linear(width, hidden), _norm(norm, hidden, norm_num_groups, False), nn.ReLU()]
                 width = hidden
             self.net = nn.Sequential(*layers, nn.Linear(width, shape[0]))
         else:
             widths = _widths(shape[1], base_channels, max_channels)
-            layers = [nn.Linear(latent_dim, widths[0] * 16), nn.Unflatten(1, (widths[0], 4, 4)),  # (B, w0, 4, 4)
+            layers = [nn.Linear(input_dim, widths[0] * 16), nn.Unflatten(1, (widths[0], 4, 4)),  # (B, w0, 4, 4)
                       _norm(norm, widths[0], norm_num_groups, True), nn.ReLU()]
             for c_in, c_out in zip(widths[:-1], widths[1:]):
                 layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c_in, c_out, 3, padding=1),
                            _norm(norm, c_out, norm_num_groups, True), nn.ReLU()]  # resolution doubled
             self.net = nn.Sequential(*layers, nn.Conv2d(widths[-1], shape[0], 3, padding=1))
 
-    def forward(self, z: Tensor) -> Tensor:
-        """(B, latent_dim) -> (B, *sample_shape)."""
+    def forward(self, z: Tensor, class_labels: Tensor | None = None) -> Tensor:
+        """(B, latent_dim) [and (B,) classes of a class-conditional generator] -> (B, *sample_shape)."""
+        if _check_labels(self, class_labels):
+            z = torch.cat([z, self.class_embedding(class_labels)], 1)  # (B, 2 * latent_dim)
         return self.activation(self.net(z))
 
-    def sample(self, num_samples: int, generator: torch.Generator | None = None) -> Tensor:
-        """x = f(z; theta), z ~ N(0, I): sampling is one forward pass. (num_samples, *sample_shape).
+    def sample(self, num_samples: int, generator: torch.Generator | None = None,
+               class_labels: Tensor | None = None) -> Tensor:
+        """x = f(z; theta) (or f(z, c; theta) with `class_labels` c, (num_samples,)), z ~ N(0, I):
+        sampling is one forward pass. (num_samples, *sample_shape).
 
         Gradients flow when enabled (the generator's training uses this); wrap in torch.no_grad()
         and call .eval() for inference. z is drawn on `generator`'s device when one is given.
         """
         device = generator.device if generator is not None else self.device
         z = torch.randn(num_samples, self.config.latent_dim, generator=generator, device=device)
-        return self(z.to(device=self.device, dtype=self.dtype))
+        labels = None if class_labels is None else class_labels.to(self.device)
+        return self(z.to(device=self.device, dtype=self.dtype), labels)
 
 
 class Discriminator(ModelMixin, ConfigMixin):
@@ -215,12 +238,16 @@ class Discriminator(ModelMixin, ConfigMixin):
             whole discriminator is then ~1-Lipschitz in x, so its logit cannot separate detail
             much finer than 1: standardise the data first. Measured on PacGAN's ring (modes of std
             0.01): 0-1 of 8 modes with it, 8 of 8 with the data scaled by 10.
+        num_classes: K of a projection discriminator l(x, c) = psi(phi(x)) + <embed(c), phi(x)>
+            (Miyato & Koyama 2018): phi(x) the input of the last linear layer psi, embed a (K, F)
+            table (Xavier-initialised, as in the paper's code; spectrally normalised with the
+            rest); None: l(x) = psi(phi(x)).
     """
 
     @register_to_config
     def __init__(self, sample_shape: Sequence[int] = (2,), hidden: int = 256, num_layers: int = 3,
                  base_channels: int = 64, max_channels: int = 512, norm: str = "none", norm_num_groups: int = 8,
-                 spectral_norm: bool = False):
+                 spectral_norm: bool = False, num_classes: int | None = None):
         super().__init__()
         shape = _parse_shape(sample_shape)
         if norm not in ("none", "group"):
@@ -239,14 +266,44 @@ class Discriminator(ModelMixin, ConfigMixin):
                 layers += [nn.Conv2d(c_in, c_out, 4, stride=2, padding=1), _norm(norm, c_out, norm_num_groups, True),
                            nn.LeakyReLU(0.2)]
             self.net = nn.Sequential(*layers, nn.Flatten(), nn.Linear(widths[-1] * 16, 1))
+        self.class_embedding = _class_embedding(num_classes, self.net[-1].in_features)
+        if self.class_embedding is not None:
+            nn.init.xavier_uniform_(self.class_embedding.weight)
         if spectral_norm:
-            for module in self.net.modules():
-                if isinstance(module, (nn.Linear, nn.Conv2d)):
+            for module in self.modules():
+                if isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding)):
                     nn.utils.parametrizations.spectral_norm(module)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """(B, *sample_shape) -> logits (B,)."""
-        return self.net(x).squeeze(1)
+    def forward(self, x: Tensor, class_labels: Tensor | None = None) -> Tensor:
+        """(B, *sample_shape) [and (B,) classes of a projection discriminator] -> logits (B,).
+
+        A label -1 (an unlabelled real datum of a partly labelled set) gets psi(phi(x)) alone."""
+        phi = self.net[:-1](x)  # (B, F)
+        logits = self.net[-1](phi).squeeze(1)  # psi(phi(x)), (B,)
+        if _check_labels(self, class_labels):
+            labelled = class_labels >= 0
+            projection = (self.class_embedding(class_labels.clamp(min=0)) * phi).sum(1)  # <embed(c), phi(x)>
+            logits = logits + torch.where(labelled, projection, torch.zeros_like(projection))
+        return logits
+
+
+def _class_embedding(num_classes: int | None, dim: int) -> nn.Embedding | None:
+    if num_classes is None:
+        return None
+    if num_classes < 1:
+        raise ValueError(f"num_classes: {num_classes!r} is not valid; expected an integer >= 1 (or None)")
+    return nn.Embedding(num_classes, dim)
+
+
+def _check_labels(network: Generator | Discriminator, class_labels: Tensor | None) -> bool:
+    """Whether `network` is class-conditional, once its labels are checked against it (present
+    exactly when it is)."""
+    num_classes = network.config.num_classes
+    if (num_classes is None) != (class_labels is None):
+        raise ValueError(f"{type(network).__name__}: class_labels must be given exactly when the network is "
+                         f"class-conditional (num_classes={num_classes}); got "
+                         f"{'none' if class_labels is None else 'some'}")
+    return num_classes is not None
 
 
 class PatchDiscriminator(ModelMixin, ConfigMixin):
@@ -319,31 +376,45 @@ class GANTrainingModule(nn.Module):
             gamma / 2 * E||grad_x l(x)||^2 (Mescheder et al.'s convention); 0 turns it off.
 
     How often each player steps (the seed's strict alternation, or n_critic discriminator steps
-    per generator step) is the loop's schedule: the stage's `phase_due`.
+    per generator step) is the loop's schedule: the stage's `phase_due`. Class-conditional players
+    (`num_classes` set on both) take the real batch's `class_labels` (B,) in every phase.
     """
 
     def __init__(self, generator: Generator, discriminator: Discriminator, loss: str = "standard",
                  r1_gamma: float = 0.0):
         super().__init__()
         _check_kind(loss)
+        if generator.config.num_classes != discriminator.config.num_classes:
+            raise ValueError(f"the generator's num_classes ({generator.config.num_classes}) and the "
+                             f"discriminator's ({discriminator.config.num_classes}) differ")
         self.generator = generator
         self.discriminator = discriminator
         self.loss_kind = loss
         self.r1_gamma = r1_gamma
 
-    def discriminator_terms(self, x_real: Tensor) -> dict[str, Tensor]:
-        """The seed's L'(phi) on a batch of real data and as many fresh fakes (detached: no
-        gradient reaches theta), plus the R1 penalty on the real batch.
+    def fake_labels(self, class_labels: Tensor | None) -> Tensor | None:
+        """The classes to draw fakes of, beside a real batch of `class_labels`: the same, but a
+        uniformly drawn class for each unlabelled (-1) datum; None for unconditional players."""
+        if class_labels is None:
+            return None
+        drawn = torch.randint(self.generator.config.num_classes, class_labels.shape, device=class_labels.device)
+        return torch.where(class_labels < 0, drawn, class_labels)
+
+    def discriminator_terms(self, x_real: Tensor, class_labels: Tensor | None = None) -> dict[str, Tensor]:
+        """The seed's L'(phi) on a batch of real data (of `class_labels`, class-conditional) and as
+        many fresh fakes of the same classes (detached: no gradient reaches theta), plus the R1
+        penalty on the real batch.
 
         Returns loss (the total to backpropagate), d_real = mean d(x), d_fake = mean d(f(z)),
         r1 = E||grad_x l(x)||^2 (0 when r1_gamma is 0), all ().
         """
+        fake_labels = self.fake_labels(class_labels)
         with torch.no_grad():
-            x_fake = self.generator.sample(x_real.shape[0])  # (B, *sample_shape)
+            x_fake = self.generator.sample(x_real.shape[0], class_labels=fake_labels)  # (B, *sample_shape)
         if self.r1_gamma:
             x_real = x_real.detach().requires_grad_(True)
-        real_logits = self.discriminator(x_real)  # (B,)
-        fake_logits = self.discriminator(x_fake)  # (B,)
+        real_logits = self.discriminator(x_real, class_labels)  # (B,)
+        fake_logits = self.discriminator(x_fake, fake_labels)  # (B,)
         loss = discriminator_loss(real_logits, fake_logits, self.loss_kind)
         if self.r1_gamma:
             r1 = _gradient_penalty(real_logits, x_real)  # reuses the real batch's forward pass
@@ -353,22 +424,25 @@ class GANTrainingModule(nn.Module):
         return {"loss": loss, "d_real": torch.sigmoid(real_logits.detach()).mean(),
                 "d_fake": torch.sigmoid(fake_logits.detach()).mean(), "r1": r1.detach()}
 
-    def generator_terms(self, batch_size: int) -> dict[str, Tensor]:
-        """The generator's loss on `batch_size` fresh samples (non-saturating -ln d(f(z)) for
+    def generator_terms(self, batch_size: int, class_labels: Tensor | None = None) -> dict[str, Tensor]:
+        """The generator's loss on `batch_size` fresh samples (of the classes `fake_labels` gives
+        for the real batch's `class_labels`, class-conditional; non-saturating -ln d(f(z)) for
         "standard"); its gradient flows through the discriminator into theta (and leaves
         gradients on phi, to be zeroed before the discriminator's next step).
 
         Returns loss and d_fake = mean d(f(z)), both ().
         """
-        fake_logits = self.discriminator(self.generator.sample(batch_size))  # (B,)
+        labels = self.fake_labels(class_labels)
+        fake_logits = self.discriminator(self.generator.sample(batch_size, class_labels=labels), labels)  # (B,)
         return {"loss": generator_loss(fake_logits, self.loss_kind),
                 "d_fake": torch.sigmoid(fake_logits.detach()).mean()}
 
-    def forward(self, x_real: Tensor, phase: str = "discriminator") -> dict[str, Tensor]:
-        """`discriminator_terms(x_real)` or `generator_terms(len(x_real))` by `phase`, through
-        forward so that a DDP wrapper synchronises the gradients."""
+    def forward(self, x_real: Tensor, phase: str = "discriminator",
+                class_labels: Tensor | None = None) -> dict[str, Tensor]:
+        """`discriminator_terms(x_real, class_labels)` or `generator_terms(len(x_real), class_labels)`
+        by `phase`, through forward so that a DDP wrapper synchronises the gradients."""
         if phase == "discriminator":
-            return self.discriminator_terms(x_real)
+            return self.discriminator_terms(x_real, class_labels)
         if phase == "generator":
-            return self.generator_terms(x_real.shape[0])
+            return self.generator_terms(x_real.shape[0], class_labels)
         raise ValueError(f"phase must be 'discriminator' or 'generator', got {phase!r}")

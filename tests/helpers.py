@@ -36,3 +36,18 @@ def noise_image_folder(folder: Path, count: int) -> dict:
 
 def generator(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
+
+
+def class_image_folder(root: Path, images_by_class: dict[str, list[np.ndarray]]) -> dict:
+    """The `data:` block of an 8x8 grayscale image folder whose subfolders are the classes (in
+    sorted order: class 0 first), with a quarter of each held out."""
+    for name, images in images_by_class.items():
+        (root / name).mkdir(parents=True)
+        for i, pixels in enumerate(images):
+            Image.fromarray(pixels).save(root / name / f"{i:03d}.png")
+    return {"source": "imagefolder", "train_data_dir": str(root), "resolution": 8, "validation_fraction": 0.25}
+
+
+def dark_and_light(images_per_class: int) -> dict[str, list[np.ndarray]]:
+    """Two classes of 8x8 images a sample's mean tells apart: all black ("dark", class 0), all white."""
+    return {name: [np.full((8, 8), value, np.uint8)] * images_per_class for name, value in (("dark", 0), ("light", 255))}

@@ -34,7 +34,7 @@ from stagediff.pipelines.registry import parse_run_config
 from stagediff.pipelines.sampling import generate
 from stagediff.pipelines.stages.ddpm import DDPMModelConfig, DDPMStage
 
-from helpers import noise_image_folder
+from helpers import class_image_folder, dark_and_light, noise_image_folder
 from reliability.helpers import toy_ddpm_config, train
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -50,10 +50,8 @@ TWO_CLASS_MODEL = {"block_out_channels": [16, 16], "attention": [False, False], 
 IMAGES_PER_CLASS = 64
 
 
-def two_class_config(output_dir: Path, images: Path, **model) -> dict:
-    return {"output_dir": str(output_dir), "seed": 0, "log_with": "none",
-            "data": {"source": "imagefolder", "train_data_dir": str(images), "resolution": 8,
-                     "validation_fraction": 0.25},
+def two_class_config(output_dir: Path, data: dict, **model) -> dict:
+    return {"output_dir": str(output_dir), "seed": 0, "log_with": "none", "data": data,
             "stages": [{"name": "ddpm", "kind": "ddpm", "model": {**TWO_CLASS_MODEL, **model},
                         "training": {"max_steps": 200, "batch_size": 32, "learning_rate": 5e-3,
                                      "lr_scheduler": "constant", "log_every": 50}}]}
@@ -63,11 +61,7 @@ def two_class_config(output_dir: Path, images: Path, **model) -> dict:
 def two_class_run(tmp_path_factory) -> dict:
     """The raw config of a class-conditional pixel DDPM trained 200 steps on the two classes."""
     root = tmp_path_factory.mktemp("two_classes")
-    for name, value in (("dark", 0), ("light", 255)):  # subfolders name the classes, in sorted order
-        (root / "images" / name).mkdir(parents=True)
-        for i in range(IMAGES_PER_CLASS):
-            Image.fromarray(np.full((8, 8), value, np.uint8)).save(root / "images" / name / f"{i:03d}.png")
-    raw = two_class_config(root / "run", root / "images")
+    raw = two_class_config(root / "run", class_image_folder(root / "images", dark_and_light(IMAGES_PER_CLASS)))
     train(raw)
     return raw
 

@@ -23,7 +23,7 @@ from stagediff.pipelines.registry import parse_run_config
 from stagediff.pipelines.sampling import generate
 from stagediff.pipelines.stages.flow import FlowStage
 
-from helpers import noise_image_folder
+from helpers import class_image_folder, noise_image_folder
 from reliability.helpers import train
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -153,10 +153,8 @@ def test_class_means_and_prior_round_trip_through_save_pretrained(tmp_path):
 # --------------------------------------------------------------------------------- a trained flow
 
 
-def two_class_config(output_dir: Path, images: Path, **model) -> dict:
-    return {"output_dir": str(output_dir), "seed": 0, "log_with": "none",
-            "data": {"source": "imagefolder", "train_data_dir": str(images), "resolution": 8,
-                     "validation_fraction": 0.25},
+def two_class_config(output_dir: Path, data: dict, **model) -> dict:
+    return {"output_dir": str(output_dir), "seed": 0, "log_with": "none", "data": data,
             "stages": [{"name": "flow", "kind": "flow",
                         "model": {**SMALL, "hidden_channels": 16, "num_eval_samples": 16, "class_conditional": True,
                                   **model},
@@ -169,11 +167,9 @@ def two_class_run(tmp_path_factory) -> dict:
     """The raw config of a class-conditional pixel flow trained 300 steps on the two classes."""
     root = tmp_path_factory.mktemp("stripes")
     rng = np.random.default_rng(0)
-    for name, row_pattern in (("columns", False), ("rows", True)):  # sorted subfolders: columns 0, rows 1
-        (root / "images" / name).mkdir(parents=True)
-        for i in range(IMAGES_PER_CLASS):
-            Image.fromarray(stripes(row_pattern, rng)).save(root / "images" / name / f"{i:03d}.png")
-    raw = two_class_config(root / "run", root / "images")
+    images = {name: [stripes(row_pattern, rng) for _ in range(IMAGES_PER_CLASS)]  # sorted: columns 0, rows 1
+              for name, row_pattern in (("columns", False), ("rows", True))}
+    raw = two_class_config(root / "run", class_image_folder(root / "images", images))
     train(raw)
     return raw
 

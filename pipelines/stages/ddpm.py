@@ -24,7 +24,7 @@ from ..diffusion import (ImageDiffusionPipeline, LatentDiffusionPipeline, class_
 from ..latents import load_vae
 from ..stage_folder import write_space
 from .base import Likelihood, require_positive
-from .spaces import DataSpaceStage, to_data_space
+from .spaces import DataSpaceStage, check_class_conditional, to_data_space
 
 
 BETA_SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2"}  # ours -> diffusers' names
@@ -144,11 +144,7 @@ class DDPMStage(DataSpaceStage):
     card_sample_note = "; sampler='ddpm' | 'ddim' | 'dpmsolver' and steps=... choose the sampler"
 
     def __init__(self, config, data, input_dir: Path | None = None):
-        if config.model.class_conditional and (data.kind == "vector" or data.num_classes is None):
-            what = "2-D vectors (only a UNet has a class embedding)" if data.kind == "vector" else "no class labels"
-            raise ValueError(f"stages.{config.name}.model.class_conditional: true needs labelled images, and the "
-                             f"data ({data.description}) has {what}; use a labelled data.source (mnist, an "
-                             "imagefolder with class subfolders, a hub dataset with data.label_column)")
+        check_class_conditional(config, data, vectors="only a UNet has a class embedding")
         if config.model.num_bound_images and (data.kind != "image" or config.model.class_conditional):
             raise ValueError(f"stages.{config.name}.model.num_bound_images: the variational bound is computed for "
                              f"unconditional pixel-space models (8-bit images), not for this one (data "

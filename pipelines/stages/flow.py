@@ -26,7 +26,7 @@ from ...modules.flows import FlowNLLLoss, NormalizingFlow
 from ...modules.likelihood import bits_per_dim, dequantize
 from ..diffusion import class_labels_for
 from .base import Likelihood, require_positive
-from .spaces import DataSpaceStage, to_data_space
+from .spaces import DataSpaceStage, check_class_conditional, to_data_space
 
 ACTNORM_INIT_EXAMPLES = 256
 
@@ -79,10 +79,7 @@ class FlowStage(DataSpaceStage):
     }
 
     def __init__(self, config, data, input_dir: Path | None = None):
-        if config.model.class_conditional and data.num_classes is None:
-            raise ValueError(f"stages.{config.name}.model.class_conditional: true needs labelled data, and the data "
-                             f"({data.description}) has no class labels; use a labelled data.source (mnist, an "
-                             "imagefolder with class subfolders, a hub dataset with data.label_column)")
+        check_class_conditional(config, data)
         super().__init__(config, data, input_dir)
         if data.kind == "image" and self.vae_dir is None:
             size, factor = data.sample_shape[1], 2 ** config.model.num_scales

@@ -17,6 +17,22 @@ from ..stage_folder import CACHE_DIR, write_space
 from .base import Stage
 
 
+def check_class_conditional(config, data, vectors: str | None = None) -> None:
+    """`model.class_conditional: true` needs labelled data: a ValueError naming the key and the data
+    otherwise. `vectors`: why the family cannot condition 2-D vectors (None: it can)."""
+    if not config.model.class_conditional:
+        return
+    if vectors is not None and data.kind == "vector":
+        what, needed = f"2-D vectors ({vectors})", "images"
+    elif data.num_classes is None:
+        what, needed = "no class labels", "images" if vectors is not None else "data"
+    else:
+        return
+    raise ValueError(f"stages.{config.name}.model.class_conditional: true needs labelled {needed}, and the data "
+                     f"({data.description}) has {what}; use a labelled data.source (mnist, an imagefolder with "
+                     "class subfolders, a hub dataset with data.label_column)")
+
+
 class DataSpaceStage(Stage):
     """A stage whose model lives in the data's space or in an input VAE's latent space.
 
