@@ -121,9 +121,14 @@ def plot_curves(stage: StageResult, path: Path) -> Path | None:
         if min(values) > 0 and max(values) / min(values) > 100:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
+    return save_figure(figure, path, dpi=80)
+
+
+def save_figure(figure, path: Path, dpi: int) -> Path:
+    """Lay out, write as PNG and close a matplotlib figure; its path."""
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=80)
+    figure.savefig(path, dpi=dpi)
     plt.close(figure)
     return path
 
@@ -152,11 +157,7 @@ def plot_guidance_sweep(reports: list[dict], path: Path) -> Path:
     ax.set_xlabel("conditional accuracy (%)")
     ax.set_ylabel("Fréchet distance")
     ax.grid(alpha=0.3)
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path, dpi=120)
 
 
 def copy_image(source: Path, out: Path, name: str) -> str | None:
