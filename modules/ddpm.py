@@ -32,6 +32,14 @@ class EpsilonPredictionLoss(nn.Module):
     learns the conditional and the unconditional model that classifier-free guidance combines
     (Ho & Salimans 2022, Algorithm 1).
 
+    With `snr_gamma` γ, each example's squared error is weighted so that, whatever the network
+    predicts, the loss is min(SNR_t, γ) ||x - x_theta||^2 (min-SNR-γ, Hang et al. 2023), SNR_t =
+    abar_t / (1 - abar_t): the seed's eps-loss is SNR_t ||x - x_theta||^2 (eps - eps_theta =
+    -sqrt(SNR_t) (x - x_theta)), so its weight is min(SNR_t, γ) / SNR_t; the v-loss is (SNR_t + 1)
+    ||x - x_theta||^2 (v - v_theta = -(x - x_theta) / sqrt(1 - abar_t)), so its weight is
+    min(SNR_t, γ) / (SNR_t + 1). The low-noise steps, whose eps-loss dominates the gradient while
+    they matter least to samples, stop crowding out the others.
+
     Args:
         network: eps_theta(z_t, t) returning an object with `.sample` (diffusers' UNet2DModel, or
             `MLPDenoiser`); a class-conditional one takes `class_labels` 0..K and has
@@ -40,15 +48,17 @@ class EpsilonPredictionLoss(nn.Module):
         condition_channels: the last `condition_channels` channels of the input batch are the
             condition y, the others x (0: unconditional).
         cond_drop_prob: the probability that a training label is dropped to the null class.
+        snr_gamma: γ of min-SNR-γ weighting; None: the seed's unweighted loss.
     """
 
     def __init__(self, network: nn.Module, scheduler: DDPMScheduler, condition_channels: int = 0,
-                 cond_drop_prob: float = 0.0):
+                 cond_drop_prob: float = 0.0, snr_gamma: float | None = None):
         super().__init__()
         self.network = network
         self.scheduler = scheduler
         self.condition_channels = condition_channels
         self.cond_drop_prob = cond_drop_prob
+        self.snr_gamma = snr_gamma
 
     def forward(self, batch: torch.Tensor, class_labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The training loss; `class_labels` (B,) are dropped to the null class at `cond_drop_prob`."""
@@ -65,8 +75,14 @@ class EpsilonPredictionLoss(nn.Module):
         zt = self.scheduler.add_noise(x0, eps, t)
         labels = {} if class_labels is None else {"class_labels": class_labels}
         prediction = self.network(zt if y is None else torch.cat([zt, y], 1), t, **labels).sample
-        target = eps if self.scheduler.config.prediction_type == "epsilon" else self.scheduler.get_velocity(x0, eps, t)
-        return (prediction.float() - target.float()).pow(2).flatten(1).mean(1)
+        epsilon = self.scheduler.config.prediction_type == "epsilon"
+        target = eps if epsilon else self.scheduler.get_velocity(x0, eps, t)
+        squared_error = (prediction.float() - target.float()).pow(2).flatten(1).mean(1)
+        if self.snr_gamma is None:
+            return squared_error
+        abar = self.scheduler.alphas_cumprod.to(x0.device)[t]
+        snr = abar / (1 - abar)
+        return squared_error * snr.clamp(max=self.snr_gamma) / (snr if epsilon else snr + 1)
 
 
 def class_count(network_config) -> int | None:

@@ -46,6 +46,11 @@ class DiffusionConfig:
     # (Salimans & Ho 2022), whose x estimate stays accurate at high noise, where eps's is divided by
     # sqrt(abar_t) ~ 0.006: few-step samplers then start from a sensible image.
     prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    # The loss over timesteps: "none" is the seed's (every t alike); "min_snr" weights each t by
+    # min(SNR_t, snr_gamma) in x-error terms (Hang et al. 2023), for eps and v alike
+    # (modules/ddpm.EpsilonPredictionLoss).
+    loss_weighting: Literal["none", "min_snr"] = "none"
+    snr_gamma: float = 5.0
     # Latent stage: train on posterior means, or on a fresh posterior sample at every step.
     latents: Literal["mean", "sample"] = "mean"
     # Sampling for previews and evaluation.
@@ -60,6 +65,8 @@ class DiffusionConfig:
         bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
         if bad:
             raise ValueError(f"norm_num_groups: {self.norm_num_groups} does not divide the widths {bad}")
+        if not self.snr_gamma > 0:
+            raise ValueError(f"snr_gamma: {self.snr_gamma!r} is not valid; expected a number > 0 (Hang et al. 2023: 5)")
         require_positive(self, "num_train_timesteps", "num_inference_steps", "num_eval_samples")
         # DPM-Solver's "leading" spacing steps by T // (steps + 1): it needs fewer steps than T.
         most = self.num_train_timesteps - (self.sampler.startswith("dpmsolver"))
@@ -77,6 +84,11 @@ class DiffusionConfig:
             down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in self.attention),
             up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(self.attention)),
         )
+
+    @property
+    def loss_snr_gamma(self) -> float | None:
+        """γ of the loss's min-SNR weighting, None for the seed's unweighted loss."""
+        return self.snr_gamma if self.loss_weighting == "min_snr" else None
 
     def passes_per_sample(self) -> str:
         """Network passes per sample of the sampler that evaluates the stage."""
@@ -162,7 +174,7 @@ class DDPMStage(DataSpaceStage):
             classes = self.data.num_classes + 1 if cfg.class_conditional else None  # + the null class
             network = cfg.make_unet(size, channels, channels, num_class_embeds=classes)
         return EpsilonPredictionLoss(network, cfg.make_train_scheduler(clip_sample=self.data.kind == "image"),
-                                     cond_drop_prob=cfg.cond_drop_prob)
+                                     cond_drop_prob=cfg.cond_drop_prob, snr_gamma=cfg.loss_snr_gamma)
 
     def conditioning(self, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """Class-conditional: the labels, where unlabelled items (-1) of a partly labelled set are of

@@ -114,7 +114,8 @@ class SRStage(DataSpaceStage):
         # 125.9 -> 125.2), never a residual (its scaled detail leaves [-1, 1]) or latents.
         clip = self.vae_dir is None and not cfg.residual
         return EpsilonPredictionLoss(cfg.make_unet(size, channels + self.image_channels, channels),
-                                     cfg.make_train_scheduler(clip_sample=clip), condition_channels=self.image_channels)
+                                     cfg.make_train_scheduler(clip_sample=clip), condition_channels=self.image_channels,
+                                     snr_gamma=cfg.loss_snr_gamma)
 
     def pair(self, x: torch.Tensor, train: bool) -> torch.Tensor:
         """A data batch -> [target, condition] on the channel axis, what the training module splits.
