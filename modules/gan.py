@@ -33,6 +33,9 @@ pipelines/stages/gan.py naming the two parameter groups); per training step, in 
   - The generator's loss backpropagates *through* the discriminator, leaving gradients on phi:
     they are zeroed before the discriminator's next backward.
   - The discriminator phase samples fakes under no_grad, so no gradient reaches theta there.
+  - Each player's learning-rate schedule runs over its own optimizer steps, and an EMA of the
+    weights (`training.ema_decay`) averages the generator only (the stage's `ema_parameters`):
+    the discriminator is a training device, consulted and exported as trained.
   - Call the module (its `forward`), not `discriminator_terms` directly, when it is wrapped in
     DistributedDataParallel: only `forward` synchronises gradients. The discriminator phase leaves
     the generator's parameters unused, so DDP needs find_unused_parameters=True.

@@ -63,7 +63,13 @@ class TrainingConfig:
     checkpointing_steps: Optional[int] = None
     checkpoints_total_limit: Optional[int] = 2
     resume_from_checkpoint: Optional[str] = None  # "latest" or a checkpoint folder
+    # Loading (torch DataLoader's options; for a stream, num_workers decoding threads). pin_memory
+    # applies on a CUDA device only: batches in page-locked memory, copied to the device without
+    # blocking. persistent_workers and prefetch_factor apply when num_workers > 0 (None: torch's 2).
     num_workers: int = 0
+    pin_memory: bool = True
+    persistent_workers: bool = True
+    prefetch_factor: Optional[int] = None
 
     def __post_init__(self):
         _require(self.max_steps >= 1, "max_steps", self.max_steps, "an integer >= 1")
@@ -87,6 +93,8 @@ class TrainingConfig:
             value = getattr(self, key)
             _require(value is None or value >= 1, key, value, "an integer >= 1 or null")
         _require(self.num_workers >= 0, "num_workers", self.num_workers, "an integer >= 0")
+        _require(self.prefetch_factor is None or (self.prefetch_factor >= 1 and self.num_workers > 0),
+                 "prefetch_factor", self.prefetch_factor, "null, or an integer >= 1 when num_workers > 0")
 
 
 @dataclass
@@ -193,6 +201,10 @@ def parse_run_config(raw: dict, kinds: StageKinds) -> RunConfig:
         if stage.input is not None and stage.input not in names[:index]:
             raise ConfigError(f"stages.{stage.name}.input: {stage.input!r} is not an earlier stage; "
                               f"earlier stages are {names[:index]}")
+        if stage.input is not None and config.data.streaming:  # the cache's shards are cut by item index
+            raise ConfigError(f"stages.{stage.name}.input: a stage with an input VAE encodes the data into a latent "
+                              "cache, which cannot read a stream yet (data.streaming: true); set "
+                              "data.streaming: false, or train this stage on pixels")
     return config
 
 

@@ -21,7 +21,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.optimizer import AcceleratedOptimizer
 from accelerate.scheduler import AcceleratedScheduler
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, send_to_device, set_seed
 from diffusers.optimization import get_scheduler
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from ..modules.ema import EMA
 from .checkpoint import read_trainer_state, resolve_checkpoint, save_checkpoint
 from .config import RunConfig, save_config
-from .data import augment
+from .data import BadImageTally, StreamBatches, StreamingImages, augment
 from .images import save_grid
 from .stage_folder import CHECKPOINTS_DIR, CONFIG_FILE, HISTORY_FILE, METRICS_FILE, SAMPLES_FILE
 from .stages.base import Stage
@@ -38,6 +38,7 @@ from .stages.base import Stage
 logger = logging.getLogger(__name__)
 
 LR_SCHEDULES = {"constant": "constant_with_warmup", "cosine": "cosine"}  # ours -> diffusers' names
+DATA_STATE = "data_state.json"  # in a checkpoint: a stream's position and the unreadable images met
 
 
 class NonFiniteLossError(RuntimeError):
@@ -59,9 +60,10 @@ class Phase:
 def train_stage(accelerator: Accelerator, stage: Stage, run: RunConfig, stage_dir: Path,
                 on_checkpoint: Callable[[torch.nn.Module, int], None] | None = None,
                 ) -> tuple[torch.nn.Module, dict[str, float]]:
-    """Train one stage into `stage_dir`; return the final model (EMA weights if any, on every
-    process) and its validation metrics. `on_checkpoint(model, step)` runs on the main process
-    after each checkpoint is saved, with the weights that would be exported (e.g. to push them)."""
+    """Train one stage into `stage_dir`; return the final model (EMA weights, if any, for the
+    stage's `ema_parameters`; on every process) and its validation metrics. `on_checkpoint(model,
+    step)` runs on the main process after each checkpoint is saved, with the weights that would be
+    exported (e.g. to push them)."""
     cfg = stage.config.training
     name = stage.config.name
     checkpoints_dir = stage_dir / CHECKPOINTS_DIR
@@ -73,18 +75,27 @@ def train_stage(accelerator: Accelerator, stage: Stage, run: RunConfig, stage_di
     augment_images = stage.data.kind == "image"
 
     # Data. The seeded sampler reshuffles per epoch from (seed, epoch) alone, and the loader's own
-    # generator keeps it from drawing on the global RNG, so resuming replays the same batches.
-    train_loader = DataLoader(stage.data.train, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
-                              num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(run.seed))
-    val_loader = DataLoader(stage.data.validation, batch_size=cfg.batch_size, num_workers=cfg.num_workers)
-    if len(train_loader) // accelerator.num_processes < 1:
-        raise ValueError(f"stages.{name}.training.batch_size: {cfg.batch_size} x {accelerator.num_processes} "
-                         f"process(es) is larger than the {len(stage.data.train)} training examples")
+    # generator keeps it from drawing on the global RNG, so resuming replays the same batches. A
+    # stream (data.streaming) is read in shuffled blocks, each process its share, and resumes from
+    # the position its checkpoint saved.
+    loading = _loader_options(cfg, accelerator)
+    if isinstance(stage.data.train, StreamingImages):
+        train_loader = StreamBatches(stage.data.train, cfg.batch_size, accelerator.process_index,
+                                     accelerator.num_processes, run.seed, threads=cfg.num_workers,
+                                     pin_memory=loading["pin_memory"])
+    else:
+        train_loader = DataLoader(stage.data.train, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
+                                  generator=torch.Generator().manual_seed(run.seed), **loading)
+        if len(train_loader) // accelerator.num_processes < 1:
+            raise ValueError(f"stages.{name}.training.batch_size: {cfg.batch_size} x {accelerator.num_processes} "
+                             f"process(es) is larger than the {len(stage.data.train)} training examples")
+    val_loader = DataLoader(stage.data.validation, batch_size=cfg.batch_size, **loading)
+    data_progress = _DataProgress(accelerator, train_loader, stage, run)
 
     # Model: identical initial weights on every process; noise streams differ per process below.
     set_seed(run.seed)
     model = stage.build_model()
-    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay else None
+    ema = EMA(model, cfg.ema_decay, stage.ema_parameters(model)) if cfg.ema_decay else None
     # One optimizer and schedule per named parameter group (one for most stages; a GAN has two).
     groups = stage.parameter_groups(model)
     # Fused AdamW: one kernel for all parameters (the demo UNet's update on a CPU: 1.6 ms, foreach
@@ -98,10 +109,13 @@ def train_stage(accelerator: Accelerator, stage: Stage, run: RunConfig, stage_di
     # One schedule step per optimizer step, whatever the number of processes (`split_batches`
     # below; accelerate's default, as in diffusers' examples, steps it once per process with
     # lengths scaled to match), so a checkpoint resumes at the right learning rate with another
-    # process count.
+    # process count. A group steps only where `stage.phase_due` says (a GAN's generator every
+    # n_critic-th step), so its schedule counts its own optimizer steps: each cosine reaches 0 at the
+    # last training step (a schedule of max_steps left a generator with n_critic 2 at half its
+    # learning rate), and each warm-up lasts lr_warmup_steps of the group's own optimizer steps.
     schedulers = [get_scheduler(LR_SCHEDULES[cfg.lr_scheduler], optimizer, num_warmup_steps=cfg.lr_warmup_steps,
-                                num_training_steps=cfg.max_steps)
-                  for optimizer in optimizers]
+                                num_training_steps=_optimizer_steps(stage, name, cfg.max_steps))
+                  for name, optimizer in zip(groups, optimizers)]
     model, train_loader, val_loader, *prepared = accelerator.prepare(
         model, train_loader, val_loader, *optimizers, *schedulers)
     phases = [Phase(name, params, optimizer, lr_scheduler) for (name, params), optimizer, lr_scheduler
@@ -123,6 +137,7 @@ def train_stage(accelerator: Accelerator, stage: Stage, run: RunConfig, stage_di
         if ema is not None:
             ema.load_state_dict(load_file(checkpoint / "ema.safetensors"))
         stopper.load(state, checkpoint)
+        data_progress.load(checkpoint)
         accelerator.print(f"[{name}] resumed from {checkpoint} at step {step}")
     if accelerator.is_main_process:
         _truncate_history(stage_dir / HISTORY_FILE, step)
@@ -132,6 +147,7 @@ def train_stage(accelerator: Accelerator, stage: Stage, run: RunConfig, stage_di
         if ema is not None:
             save_file(ema.state_dict(), folder / "ema.safetensors")
         stopper.save(folder)
+        data_progress.write(folder)
 
     preview_batch = torch.stack([stage.data.validation[i]["x"] for i in range(min(16, len(stage.data.validation)))])
     images_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes
@@ -148,6 +164,7 @@ def train_stage(accelerator: Accelerator, stage: Stage, run: RunConfig, stage_di
     step_finite = True  # False once a micro-batch of the current step has a non-finite loss or gradients
     while step < cfg.max_steps:
         batch = next(batches)
+        data_progress.add(batch)
         with accelerator.accumulate(model):
             x = stage.training_input(augment(batch["x"], run.data) if augment_images else batch["x"])
             conditioning = stage.conditioning(batch["label"])  # {} unless the stage is class-conditional
@@ -180,6 +197,7 @@ def train_stage(accelerator: Accelerator, stage: Stage, run: RunConfig, stage_di
 
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             logs = meter.flush(step, name, checkpoints_dir)  # raises NonFiniteLossError
+            logs.update(data_progress.merge())  # raises past data.max_bad_fraction
             logs["images_per_s"] = images_per_step * logs.pop("steps") / logs.pop("seconds")  # all processes
             logs["images_per_s_per_process"] = logs["images_per_s"] / accelerator.num_processes
             logs["lr"] = phases[0].lr_scheduler.get_last_lr()[0]
@@ -209,6 +227,7 @@ def train_stage(accelerator: Accelerator, stage: Stage, run: RunConfig, stage_di
                           stage_dir / "samples" / f"step-{step:06d}.png")
         if cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0:
             meter.flush(step, name, checkpoints_dir, keep=True)  # never checkpoint NaN weights
+            data_progress.gather()  # every process's stream position, for write_checkpoint_extras
             save_checkpoint(accelerator, checkpoints_dir,
                             {"step": step, **stopper.state(), "nonfinite_skips": nonfinite.skipped,
                              "grad_scaler_skips": grad_scaler_skips},
@@ -227,6 +246,7 @@ def train_stage(accelerator: Accelerator, stage: Stage, run: RunConfig, stage_di
     metrics["train_seconds"] = train_seconds
     metrics.update(effective_batch_size=images_per_step, num_processes=accelerator.num_processes)
     metrics.update(_skip_counts(accelerator, nonfinite, grad_scaler_skips))
+    metrics.update(data_progress.finish())  # the one warning on skipped unreadable images
     accelerator.log({f"{name}/val/{k}": v for k, v in metrics.items()}, step=step)
     if accelerator.is_main_process:
         stage.export(final, stage_dir)
@@ -234,6 +254,11 @@ def train_stage(accelerator: Accelerator, stage: Stage, run: RunConfig, stage_di
         (stage_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
     accelerator.wait_for_everyone()
     return final, metrics
+
+
+def _optimizer_steps(stage: Stage, phase: str, max_steps: int) -> int:
+    """How many times group `phase` steps in `max_steps` training steps (`Stage.phase_due`)."""
+    return sum(stage.phase_due(phase, step) for step in range(1, max_steps + 1))
 
 
 def _truncate_history(path: Path, step: int) -> None:
@@ -257,8 +282,22 @@ def isolated_rng(seed: int):
         yield
 
 
+def _loader_options(cfg, accelerator: Accelerator) -> dict:
+    """DataLoader keywords from training.num_workers, pin_memory, persistent_workers and
+    prefetch_factor. Pinned memory only for a CUDA device; with it, prepared loaders copy batches
+    to the device without blocking (Accelerate's `non_blocking`, set here for this stage)."""
+    pin_memory = cfg.pin_memory and accelerator.device.type == "cuda"
+    accelerator.dataloader_config.non_blocking = pin_memory
+    workers = {"persistent_workers": cfg.persistent_workers, "prefetch_factor": cfg.prefetch_factor}
+    return {"num_workers": cfg.num_workers, "pin_memory": pin_memory, **(workers if cfg.num_workers else {})}
+
+
 def _endless_batches(loader, accelerator: Accelerator, first_batch: int):
-    """Batches epoch after epoch, starting at `first_batch` (counted from the start of training)."""
+    """Batches epoch after epoch, starting at `first_batch` (counted from the start of training).
+    A stream is endless itself and starts where its state (`_DataProgress.load`) puts it."""
+    if isinstance(loader, StreamBatches):
+        for batch in loader:
+            yield send_to_device(batch, accelerator.device, non_blocking=accelerator.non_blocking)
     epoch, skip = divmod(first_batch, len(loader))
     while True:
         loader.set_epoch(epoch)
@@ -267,7 +306,66 @@ def _endless_batches(loader, accelerator: Accelerator, first_batch: int):
 
 
 def _ordered_loader(dataset, cfg, accelerator: Accelerator):
-    return accelerator.prepare(DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers))
+    return accelerator.prepare(DataLoader(dataset, batch_size=cfg.batch_size, **_loader_options(cfg, accelerator)))
+
+
+class _DataProgress:
+    """What training keeps of its data besides the step count, and saves with each checkpoint in
+    DATA_STATE: a stream's position (data.streaming; every process's) and the unreadable images
+    skipped so far (data.skip_bad_images, counted from the names batches carry, `BadImageTally`)."""
+
+    def __init__(self, accelerator: Accelerator, loader, stage: Stage, run: RunConfig):
+        self.accelerator, self.loader = accelerator, loader
+        self.stream = isinstance(loader, StreamBatches)
+        counted = run.data.skip_bad_images and stage.data.kind == "image"  # cached latents carry no names
+        self.tally = BadImageTally.of(run.data, None if self.stream else len(stage.data.train)) if counted else None
+        self.saved = {}
+
+    def add(self, batch: dict) -> None:
+        if self.tally is not None:
+            self.tally.add(batch)
+
+    def merge(self) -> dict[str, int]:
+        """Combine every process's count and stop past data.max_bad_fraction (all processes call this);
+        the count so far, for the logs."""
+        if self.tally is None:
+            return {}
+        device = self.accelerator.device
+        self.tally.merge(gather_object, lambda n: int(self.accelerator.reduce(torch.tensor(n, device=device), "sum")))
+        self.tally.check()
+        return {"bad_images": len(self.tally.names)}
+
+    def gather(self) -> None:
+        """Collect what the next checkpoint saves (all processes call this)."""
+        self.merge()
+        self.saved = {"bad_images": self.tally.state()} if self.tally is not None else {}
+        if self.stream:
+            self.saved["streams"] = gather_object([self.loader.state_dict()])  # in process order
+
+    def write(self, folder: Path) -> None:
+        if self.saved:
+            (folder / DATA_STATE).write_text(json.dumps(self.saved))
+
+    def load(self, checkpoint: Path) -> None:
+        saved = json.loads((checkpoint / DATA_STATE).read_text()) if (checkpoint / DATA_STATE).is_file() else {}
+        if self.stream:
+            if "streams" not in saved:
+                raise ValueError(f"{checkpoint} holds no stream position ({DATA_STATE}): it was saved by a run "
+                                 "that did not stream its data (data.streaming: false)")
+            self.loader.load_state_dict(saved["streams"][self.accelerator.process_index])
+        if self.tally is not None and "bad_images" in saved:
+            self.tally.load(saved["bad_images"])
+
+    def finish(self) -> dict[str, int]:
+        """After the last step: the final check and the one warning (main process); the count."""
+        if self.stream:
+            self.loader.close()
+        counts = self.merge()
+        if self.tally is not None:
+            self.tally.check(final=True)
+            if self.accelerator.is_main_process:
+                self.tally.warn()
+        return counts
 
 
 def _eval_model(accelerator: Accelerator, model, ema: EMA | None):

@@ -11,12 +11,18 @@ import pytest
 import torch
 from PIL import Image
 
+from torch.utils.data import DataLoader
+
+from stagediff.modules.toy2d import TOY_DISTRIBUTIONS
 from stagediff.pipelines.data import (
     BadImageError,
+    BadImageTally,
     DataConfig,
     augment,
     hf_image_samples,
+    image_file_rows,
     load_data,
+    scan_image_folder,
     split_indices,
 )
 
@@ -194,15 +200,58 @@ def test_bad_images_raise_naming_the_file(folder_with_bad_files):
     assert named == bad_paths
 
 
-def test_skip_bad_images_drops_them_with_one_warning(folder_with_bad_files):
+def test_skip_bad_images_replaces_them_lazily_and_counts_them_through_workers(folder_with_bad_files, recwarn):
     folder, bad_paths = folder_with_bad_files
-    cfg = DataConfig(source="imagefolder", train_data_dir=str(folder), skip_bad_images=True)
-    with pytest.warns(UserWarning, match="skipped 3 unreadable image") as caught:
-        splits = load_data(cfg)
-    assert len([w for w in caught if "unreadable" in str(w.message)]) == 1
-    assert any(path in str(caught[0].message) for path in bad_paths)
+    cfg = DataConfig(source="imagefolder", train_data_dir=str(folder), skip_bad_images=True, max_bad_fraction=0.5,
+                     validation_fraction=0.3)
+    splits = load_data(cfg)  # reads no image: nothing to warn about yet
+    assert not recwarn.list and (len(splits.train), len(splits.validation)) == (5, 2)
+    items = all_items(splits)
+    assert all(item["x"].shape == (1, 32, 32) for item in items)
+    # Each unreadable file is named by the item that stands in for it, a readable item of the same split.
+    assert {item["bad"] for item in items} - {""} == bad_paths
+    for split in (splits.train, splits.validation):
+        pixels = [(tuple(pixel_values(split[i]["x"]).flatten().tolist()), split[i]["bad"]) for i in range(len(split))]
+        assert {image for image, bad in pixels} == {image for image, bad in pixels if not bad}
+
+    # The names ride in the batches, so they come back from a DataLoader worker process.
+    tally = BadImageTally.of(cfg, len(splits.train))
+    for batch in DataLoader(splits.train, batch_size=2, num_workers=1):
+        tally.add(batch)
+    tally.merge(lambda names: names, lambda count: count)
+    bad_in_train = {item["bad"] for item in (splits.train[i] for i in range(5))} - {""}
+    assert tally.names == bad_in_train and tally.read == 5 + len(bad_in_train)
+    tally.check(final=True)  # at most half: no error
+    with pytest.warns(UserWarning, match=rf"skipped {len(bad_in_train)} unreadable image\(s\) of 5 training images"):
+        tally.warn()
+    tally.max_fraction = 0.1
+    with pytest.raises(ValueError, match=rf"at least {len(bad_in_train)} of its 5 training images are unreadable "
+                                         rf"\({len(bad_in_train) / 5:.1%}\), more than data\.max_bad_fraction=0\.1: "):
+        tally.check()
+
+
+def test_an_image_folder_reads_as_datasets_imagefolder_builder_does(mixed_folder, folder_with_bad_files, tmp_path):
+    images, plain = scan_image_folder(mixed_folder)
+    ours = image_file_rows(images)
+    theirs = datasets.load_dataset("imagefolder", data_dir=str(mixed_folder), split="train").cast_column(
+        "image", datasets.Image(decode=False))
+    assert ours.features["label"] == theirs.features["label"] and plain and len(ours) == 7
+    assert ours["label"] == theirs["label"] and ours["image"] == theirs["image"]
+    # Split names make datasets' builder keep the train split: such a folder goes through it.
+    for split, count in (("train", 4), ("test", 3)):
+        for index in range(count):
+            save_image(tmp_path / "splits" / split / f"{index}.png", "L", (4, 4), WHITE)
+    assert not scan_image_folder(tmp_path / "splits")[1]
+    splits = load_data(DataConfig(source="imagefolder", train_data_dir=str(tmp_path / "splits"), resolution=4))
     assert len(splits.train) + len(splits.validation) == 4
-    assert all(item["x"].shape == (1, 32, 32) for item in all_items(splits))
+    # Nothing is decoded before training: a folder of nothing but unreadable images loads.
+    unreadable = tmp_path / "unreadable"
+    unreadable.mkdir()
+    for name in ("a.png", "b.png", "c.png"):
+        (unreadable / name).write_bytes(b"not an image")
+    splits = load_data(DataConfig(source="imagefolder", train_data_dir=str(unreadable), skip_bad_images=True))
+    with pytest.raises(ValueError, match=r"none of the 2 images of this split can be read"):
+        splits.train[0]
 
 
 def test_missing_empty_or_imageless_folder_errors_name_it(tmp_path):
@@ -278,6 +327,14 @@ def test_hf_dataset_unreadable_bytes_name_the_row():
         ({"center_crop": "yes"}, "center_crop"),
         ({"source": "imagefolder"}, "train_data_dir"),
         ({"source": "hub"}, "dataset_name"),
+        ({"source": "files"}, "data_files"),
+        ({"source": "files", "data_files": []}, "data_files"),
+        ({"source": "files", "data_files": ["a.parquet"], "data_format": "csv"}, "data_format"),
+        ({"max_bad_fraction": 1.0}, "max_bad_fraction"),
+        ({"max_bad_fraction": -0.1}, "max_bad_fraction"),
+        ({"shuffle_buffer": 0}, "shuffle_buffer"),
+        ({"stream_validation_samples": 0}, "stream_validation_samples"),
+        ({"streaming": "yes"}, "streaming"),
     ],
 )
 def test_bad_config_values_name_the_key_and_value(overrides, key):
@@ -314,7 +371,6 @@ def test_augment_is_identity_when_disabled_or_for_vectors():
 
 
 def test_toy_source_gives_seeded_vectors():
-    pytest.importorskip("stagediff.modules.toy2d")
     cfg = DataConfig(source="toy", toy="ring8", toy_samples=1000)
     splits = load_data(cfg)
     assert splits.kind == "vector" and splits.sample_shape == (2,) and splits.num_classes is None
@@ -327,6 +383,6 @@ def test_toy_source_gives_seeded_vectors():
 
 
 def test_unknown_toy_name_names_the_key():
-    pytest.importorskip("stagediff.modules.toy2d")
-    with pytest.raises(ValueError, match=r"data\.toy='ring9' is invalid: expected one of \['ring8'"):
+    expected = f"data.toy='ring9' is invalid: expected one of {list(TOY_DISTRIBUTIONS)}"
+    with pytest.raises(ValueError, match=re.escape(expected)):
         DataConfig(source="toy", toy="ring9")

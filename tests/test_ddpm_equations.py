@@ -22,6 +22,7 @@ timestep, a sqrt slip, the other variance) that the same tolerance rejects.
 """
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -125,6 +126,34 @@ def test_alphas_cumprod_is_the_product_of_one_minus_beta(schedule):
     assert alphas_cumprod[-1] < 1e-4
     # and the schedule is a proper noising schedule: abar decreases strictly from ~1
     assert alphas_cumprod[0] >= 0.9999 - 1e-7 and np.all(np.diff(alphas_cumprod) < 0)
+
+
+# The product's own training schedulers: every diffusion stage (ddpm, sr) of the shipped configs.
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+SEED_SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2"}  # the config's names -> ours above
+
+
+def shipped_diffusion_models() -> list:
+    from stagediff.pipelines.registry import load_config
+
+    return [pytest.param(stage.model, id=f"{path.stem}.{stage.name}") for path in CONFIGS
+            for stage in load_config(path).stages if hasattr(stage.model, "make_train_scheduler")]
+
+
+@pytest.mark.parametrize("model", shipped_diffusion_models())
+def test_the_products_training_scheduler_is_the_seeds(model):
+    """`make_train_scheduler` as each shipped config builds it: the DDPM paper's linear betas
+    1e-4 .. 0.02 over T = 1000 (or the cosine schedule), abar_t = prod (1 - beta_k), the seed's
+    posterior variance, and the configured prediction type (no x0 clipping unless asked)."""
+    scheduler = model.make_train_scheduler()
+    assert model.num_train_timesteps == T == scheduler.config.num_train_timesteps
+    betas = seed_betas(SEED_SCHEDULES[model.beta_schedule])
+    # Tolerances of test 1 (float32 storage); a beta range of 1e-4 .. 0.01 is off by up to 50%.
+    np.testing.assert_allclose(scheduler.betas.double().numpy(), betas[1:], rtol=1e-6)
+    np.testing.assert_allclose(scheduler.alphas_cumprod.double().numpy(), seed_abar(betas)[1:], rtol=5e-5, atol=0)
+    assert scheduler.config.variance_type == "fixed_small"  # sigma_t^2 = the posterior variance (section 3)
+    assert scheduler.config.prediction_type == model.prediction_type
+    assert scheduler.config.clip_sample is False
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 from accelerate.utils import set_seed
+from safetensors.torch import load_file
 from torch import nn
 
 from stagediff.modules.gan import (
@@ -21,8 +22,11 @@ from stagediff.modules.gan import (
 from stagediff.pipelines.data import load_data
 from stagediff.pipelines.registry import parse_run_config
 from stagediff.pipelines.run import make_accelerator
+from stagediff.pipelines.stage_folder import CHECKPOINTS_DIR, exported_weights
 from stagediff.pipelines.stages.gan import GANStage
 from stagediff.pipelines.trainer import train_stage
+
+from reliability.helpers import train
 
 
 def stable_softplus(t: float) -> float:
@@ -279,3 +283,50 @@ def test_the_one_loop_steps_the_generator_every_n_critic_th_step(tmp_path):
     history = [json.loads(line) for line in (tmp_path / "gan" / "history.jsonl").read_text().splitlines()]
     assert ["generator_loss" in row for row in history] == [False, True, False, True]
     assert all("discriminator_loss" in row for row in history)
+
+
+def test_each_player_has_its_own_cosine_schedule_and_only_the_generator_is_averaged(tmp_path):
+    """n_critic = 2: the discriminator steps 20 times in 20 training steps, the generator 10. Each
+    schedule counts its own optimizer steps (a 4-step warm-up each, then a cosine to 0 at the last
+    step), and the EMA averages the generator alone: the exported discriminator is the trained one.
+    A run resumed from step 12 ends with the same exported weights."""
+    def raw_config(output_dir, **training) -> dict:
+        return {"output_dir": str(output_dir), "seed": 0, "log_with": "none",
+                "data": {"source": "toy", "toy": "ring8", "toy_samples": 256},
+                "stages": [{"name": "gan", "kind": "gan",
+                            "model": {"latent_dim": 4, "hidden": 16, "num_layers": 1, "generator_norm": "none",
+                                      "n_critic": 2, "num_eval_samples": 16},
+                            "training": {"max_steps": 20, "batch_size": 16, "learning_rate": 1e-2,
+                                         "lr_scheduler": "cosine", "lr_warmup_steps": 4, "ema_decay": 0.5,
+                                         "log_every": 20, **training}}]}
+
+    train(raw_config(tmp_path / "straight", checkpointing_steps=4, checkpoints_total_limit=None))
+    stage_dir = tmp_path / "straight" / "gan"
+    checkpoints = stage_dir / CHECKPOINTS_DIR
+
+    def last_lr(step: int, player: str) -> float:
+        # Accelerate saves the schedulers in the order the trainer prepares them: the stage's groups.
+        name = {"discriminator": "scheduler.bin", "generator": "scheduler_1.bin"}[player]
+        return torch.load(checkpoints / f"checkpoint-{step}" / name, weights_only=True)["_last_lr"][0]
+
+    # Warm-up over each player's own first 4 steps: the discriminator's by training step 4, the
+    # generator's (2 of its steps by then) by training step 8.
+    assert last_lr(4, "discriminator") == pytest.approx(1e-2, rel=1e-12)
+    assert last_lr(4, "generator") == pytest.approx(1e-2 * 2 / 4, rel=1e-12)
+    assert last_lr(8, "generator") == pytest.approx(1e-2, rel=1e-12)
+    # Both cosines end at 0 with the last training step (a shared 20-step schedule left the
+    # generator at 0.69 of its learning rate).
+    assert last_lr(20, "discriminator") == pytest.approx(0.0, abs=1e-12)
+    assert last_lr(20, "generator") == pytest.approx(0.0, abs=1e-12)
+
+    trained = load_file(checkpoints / "checkpoint-20" / "model.safetensors")
+    averaged = {k.removeprefix("averaged."): v for k, v in
+                load_file(checkpoints / "checkpoint-20" / "ema.safetensors").items()}
+    for player, expected in (("discriminator", trained), ("generator", averaged)):
+        exported = load_file(stage_dir / player / "diffusion_pytorch_model.safetensors")
+        for key, value in exported.items():
+            assert torch.equal(value, expected[f"{player}.{key}"]), (player, key)
+    assert any(not torch.equal(averaged[k], trained[k]) for k in trained if k.startswith("generator."))
+
+    train(raw_config(tmp_path / "resumed", resume_from_checkpoint=str(checkpoints / "checkpoint-12")))
+    assert exported_weights(tmp_path / "resumed" / "gan") == exported_weights(stage_dir)

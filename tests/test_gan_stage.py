@@ -36,5 +36,10 @@ def test_toy_gan_alternates_two_optimizers_and_learns_the_ring(tmp_path):
     # (radius 1): after 4,000 alternating steps most samples are near it.
     radius = samples.norm(dim=1)
     assert ((radius - 1).abs() < 0.1).float().mean() > 0.8
-    assert toy_metrics(samples, "ring8")["modes_covered"] >= 4
-    assert 0 < metrics["val_d_real"] < 1
+    # n_critic 2 covers every mode (README: 8 of 8 on 5 seeds of configs/ring8_gan.yaml). Measured
+    # here: 8 under ATEN_CPU_CAPABILITY default, avx2 and avx512, for training seeds 0-3 alike.
+    assert toy_metrics(samples, "ring8")["modes_covered"] == 8
+    # The discriminator still tells held-out data from fakes: d(x) - d(f(z)) measured 0.23
+    # (default) and 0.19 (avx2, avx512) with seed 0, 0.10-0.18 with seeds 1-3; a discriminator that
+    # learned nothing, or the opposite, scores <= 0.
+    assert metrics["val_d_real"] - metrics["val_d_fake"] > 0.05

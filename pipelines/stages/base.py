@@ -105,6 +105,11 @@ class Stage(abc.ABC):
         """Whether group `phase` steps at (1-based) training step `step` (e.g. a GAN's n_critic)."""
         return True
 
+    def ema_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        """The parameters that `training.ema_decay` averages for evaluation, sampling and export
+        (all by default); the EMA's copy takes the others as they are trained (a GAN's discriminator)."""
+        return list(model.parameters())
+
     def training_input(self, x: torch.Tensor) -> torch.Tensor:
         """What the training module sees for a (augmented) data batch, e.g. dequantized pixels."""
         return x

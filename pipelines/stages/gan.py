@@ -2,8 +2,11 @@
 
 Two named parameter groups, each with its optimizer and loss, stepped in the seed's order by the
 one training loop: a discriminator step on L'(phi) = -ln(1 - d(f(z))) - ln d(x), then (every
-`n_critic` steps) a generator step on the non-saturating -ln d(f(z)). Exports `generator/` and
-`discriminator/` (safetensors) and, on latents, a copy of the VAE in `vae/`.
+`n_critic` steps) a generator step on the non-saturating -ln d(f(z)), each on its own
+learning-rate schedule over its own optimizer steps. Exports `generator/` and `discriminator/`
+(safetensors) and, on latents, a copy of the VAE in `vae/`. With `training.ema_decay` the EMA
+averages the generator alone: samples come from the averaged generator, while validation
+(`val_d_real`, `val_d_fake`) and the exported `discriminator/` use the discriminator as trained.
 
 `class_conditional: true` learns p(x | class) of labelled images or latents: a generator f(z, c)
 with a class embedding and a projection discriminator (Miyato & Koyama 2018; modules/gan.py),
@@ -108,6 +111,11 @@ class GANStage(DataSpaceStage):
 
     def phase_due(self, phase: str, step: int) -> bool:
         return phase == "discriminator" or step % self.config.model.n_critic == 0
+
+    def ema_parameters(self, model: GANTrainingModule) -> list[torch.nn.Parameter]:
+        """The generator's alone (StyleGAN's and BigGAN's practice): the averaged generator samples,
+        while the discriminator that `validate` consults and `export` saves is the trained one."""
+        return list(model.generator.parameters())
 
     @torch.no_grad()
     def validate(self, model: GANTrainingModule, loader, accelerator: Accelerator) -> dict[str, float]:

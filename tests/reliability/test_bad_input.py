@@ -53,6 +53,11 @@ def ddpm_block(raw: dict) -> dict:
      r"stages\.ddpm\.training\.learning_rate: -0\.001 is not valid; expected a number > 0"),
     (lambda raw: ddpm_block(raw)["training"].update(max_nonfinite_skips=-1),
      r"stages\.ddpm\.training\.max_nonfinite_skips: -1 is not valid; expected an integer >= 0"),
+    (lambda raw: ddpm_block(raw)["training"].update(prefetch_factor=4),  # with num_workers 0
+     r"stages\.ddpm\.training\.prefetch_factor: 4 is not valid; expected null, or an integer >= 1 when "
+     r"num_workers > 0"),
+    (lambda raw: raw["data"].update(max_bad_fraction=1.5),
+     r"data\.max_bad_fraction=1\.5 is invalid: expected a number in \[0, 1\)"),
     (lambda raw: ddpm_block(raw)["model"].update(num_inference_steps=60),
      r"stages\.ddpm\.model\.num_inference_steps: 60 is not valid; with num_train_timesteps 50 and sampler "
      r"dpmsolver expected at most 49"),
@@ -183,6 +188,44 @@ def test_a_truncated_image_stops_training_naming_the_file(tmp_path):
     with pytest.raises(SystemExit, match=rf"stagediff train: error: {re.escape(str(bad))}: cannot read image"):
         main(["train", "--config", str(write_config(tmp_path / "run.yaml",
                                                     image_folder_config(tmp_path / "run", folder)))])
+
+
+def train_paths(raw: dict) -> list[Path]:
+    """The image files of a run's train split, in split order."""
+    train = load_data(parse_run_config(raw).data).train
+    return [Path(train.dataset.rows[index]["image"]["path"]) for index in train.indices]
+
+
+def test_a_mostly_unreadable_folder_stops_training_naming_the_fraction_and_files(tmp_path):
+    folder = tmp_path / "images"
+    save_images(folder, 10)
+    raw = image_folder_config(tmp_path / "run", folder)
+    raw["data"].update(skip_bad_images=True, validation_fraction=0.3)  # max_bad_fraction: 0.1 by default
+    bad = train_paths(raw)[:5]  # of 7
+    for path in bad:
+        path.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--config", str(write_config(tmp_path / "run.yaml", raw))])
+    message = str(exit_info.value.code)
+    assert re.match(rf"stagediff train: error: imagefolder {re.escape(str(folder))}: at least [1-5] of its 7 training "
+                    r"images are unreadable \(\d+\.\d%\), more than data\.max_bad_fraction=0\.1: ", message), message
+    assert any(str(path) in message for path in bad)
+
+
+def test_a_few_unreadable_images_are_skipped_with_one_warning_from_worker_processes(tmp_path):
+    folder = tmp_path / "images"
+    save_images(folder, 10)
+    raw = image_folder_config(tmp_path / "run", folder)  # 2 steps of 4 images: one epoch of the 8 training images
+    raw["data"].update(skip_bad_images=True, validation_fraction=0.2, max_bad_fraction=0.2)
+    raw["stages"][0]["training"]["num_workers"] = 1
+    bad = train_paths(raw)[3]
+    bad.write_bytes(bad.read_bytes()[:40])
+    with pytest.warns(UserWarning) as caught:
+        metrics = train(raw)["vae"]
+    assert [str(w.message) for w in caught if "unreadable" in str(w.message)] == [
+        f"imagefolder {folder}: skipped 1 unreadable image(s) of 8 training images, each replaced by the next "
+        f"readable one: {bad}"]
+    assert metrics["bad_images"] == 1
 
 
 def test_files_that_are_not_images_are_ignored(tmp_path):
