@@ -9,6 +9,8 @@ from diffusers.models.unets.unet_2d import UNet2DOutput
 from stagediff.modules.ddpm import EpsilonPredictionLoss
 from stagediff.pipelines.registry import parse_run_config
 
+pytestmark = pytest.mark.numerics  # float tolerances: rerun under other kernel sets
+
 T = 1000
 
 
