@@ -11,6 +11,9 @@ cost on this machine, measured side by side in one run (issue 8). Prints a table
    fp32 (GPU: bf16) matmul peak measured in the same run, with where the step's time goes (flops.py).
 5. The data pipeline's throughput against what the step consumes, and peak memory of each run
    (system.py).
+6. The sharded latent cache (issue 17; data.py): peak memory and time to the first step of a
+   training process at 10k, 100k and 1M cached latents, training from shards against an in-memory
+   cache, and encoding with one process against two (`--data-only` runs this section alone).
 
 Every precision asked for is measured (default: fp32 and bf16; the device's default precision,
 fp32 on CPUs and bf16/fp16 on GPUs, is the headline), each in a process of its own (session.py).
@@ -33,7 +36,8 @@ from stagediff.pipelines.registry import load_config
 from stagediff.pipelines.sampling import pick_device
 from stagediff.pipelines.stage_folder import DONE_FILE
 
-from .loops import PRECISIONS, SLOW_RUN_DIVISOR, Timing
+from .data import DEFAULT_ENCODE_ITEMS, DEFAULT_SIZES, format_data, measure_data
+from .loops import PRECISIONS, SLOW_RUN_DIVISOR, Timing, _latent_shape
 from .report import check_targets, format_report
 from .sampling import measure_samplers
 from .session import Session, in_fresh_process
@@ -79,6 +83,13 @@ def add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
                              "runs/mnist_ldm/ldm (default: the config's, when trained; else sampling is skipped)")
     parser.add_argument("--skip-sampling", action="store_true", help="skip the sampler comparison (item 3)")
     parser.add_argument("--skip-pixel", action="store_true", help="skip the pixel-space run (item 2)")
+    parser.add_argument("--skip-data", action="store_true", help="skip the latent cache's data section (item 6)")
+    parser.add_argument("--data-only", action="store_true", help="run the latent cache's data section (item 6) alone")
+    parser.add_argument("--data-sizes", default=",".join(map(str, DEFAULT_SIZES)),
+                        help="comma-separated numbers of cached latents for item 6 (default %(default)s)")
+    parser.add_argument("--encode-items", type=int, default=DEFAULT_ENCODE_ITEMS,
+                        help="images encoded per run of item 6's encode comparison, a multiple of 4 (default "
+                             "%(default)s: four shards)")
     parser.add_argument("--n", type=int, default=500, help="samples per sampler (default 500)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--seeds", type=int, default=1,
@@ -91,7 +102,10 @@ def add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
 
 def benchmark_command(args: argparse.Namespace) -> dict:
     report = run_benchmark(args)
-    print(format_report(report))
+    if "training" in report:
+        print(format_report(report))
+    if "data" in report:
+        print(format_data(report["data"]))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}")
@@ -136,6 +150,17 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         vae_stage_dir, vae_origin = _vae_stage_dir(args.vae, config, vae_stage, data, tmp)
         report["settings"]["vae"] = vae_origin
 
+        def data_section() -> dict:  # 6. the sharded latent cache
+            sizes = [int(size) for size in args.data_sizes.split(",") if size.strip()]
+            return measure_data(stage_cfg, _latent_shape(vae_stage_dir, data), data.sample_shape, vae_stage_dir,
+                                tmp / "data", sizes=sizes, batch_size=batch_size, timing=timing.shortened(),
+                                threads=threads, cpu=cpu, encode_items=args.encode_items, rounds=args.rounds,
+                                seed=config.seed)
+
+        if args.data_only:
+            report["data"] = data_section()
+            return report
+
         def session(precision: str, timing: Timing, **what) -> dict:
             work_dir = tmp / (f"{precision}-compiled" if what.get("compile_backend") else precision)
             return in_fresh_process(Session(
@@ -153,6 +178,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             else:
                 measured[precision] = session(precision, timing.shortened())
         compiled = session(headline, timing, compile_backend=args.compile)["ours"] if args.compile else None
+        if not args.skip_data:
+            report["data"] = data_section()
 
     training = {}
     for precision in precisions:

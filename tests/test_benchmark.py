@@ -1,7 +1,9 @@
 """`stagediff benchmark` (the benchmarks/ package) on tiny settings: it runs end to end and writes
-its report, the compiled path runs, the baseline loop trains, FLOPs match a hand count."""
+its report, the compiled path runs, the baseline loop trains, FLOPs match a hand count, the latent
+cache's data section measures what it names."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,7 +11,7 @@ import torch.nn.functional as F
 import yaml
 from accelerate import Accelerator
 
-from stagediff.benchmarks import cli
+from stagediff.benchmarks import cli, data
 from stagediff.benchmarks.flops import count_flops, matmul_peak
 from stagediff.benchmarks.loops import baseline_loop
 from stagediff.pipelines.config import TrainingConfig
@@ -49,7 +51,7 @@ def test_the_benchmark_runs_end_to_end_and_writes_its_report(tiny_run, tmp_path,
     threads = torch.get_num_threads()
     try:
         cli.main(["--config", str(tiny_run), *TINY_TIMING, "--precision", "fp32", "--n", "4",
-                  "--compile", "eager", "--out", str(out)])
+                  "--compile", "eager", "--skip-data", "--out", str(out)])
     finally:
         torch.set_num_threads(threads)
     report = json.loads(out.read_text())
@@ -73,6 +75,42 @@ def test_the_benchmark_runs_end_to_end_and_writes_its_report(tiny_run, tmp_path,
     assert {t["goal"] for t in report["targets"]} >= {">= 2x", ">= 8x", ">= 0.40", "<= 1.10", ">= 40x"}
     printed = capsys.readouterr().out
     assert "| ours / baseline, latent, fp32 |" in printed and "| target | goal | measured | met |" in printed
+
+
+def test_the_data_section_measures_shards_against_memory_and_encoding_by_process_count(tmp_path, monkeypatch, capsys):
+    """`--data-only` on tiny sizes, its processes run here: the probes and the encode workers
+    (the benchmark itself runs each in a fresh process, two of them under accelerate launch)."""
+    def launch_here(spec, processes):
+        Path(spec["result"]).parent.mkdir(parents=True, exist_ok=True)
+        data.encode_worker(spec)
+        return {**json.loads(Path(spec["result"]).read_text()), "cache": spec["cache"]}
+
+    monkeypatch.setattr(data, "in_fresh_process", lambda function, *args: function(*args))
+    monkeypatch.setattr(data, "launch_encode", launch_here)
+    monkeypatch.setattr(data, "free_cores_now", lambda: 2.0)  # measured in spawned processes
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({**TINY, "output_dir": str(tmp_path / "run")}))
+    out = tmp_path / "report.json"
+    threads = torch.get_num_threads()
+    try:
+        cli.main(["--config", str(config), *TINY_TIMING, "--data-only", "--data-sizes", "64,256", "--encode-items",
+                  "32", "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    report = json.loads(out.read_text())["data"]
+    assert report["latent_shape"] == [2, 8, 8] and list(report["sizes"]) == ["64", "256"]
+    for layouts in report["sizes"].values():
+        for r in layouts.values():
+            assert r["peak_rss_mib"] > 0 and r["time_to_first_step_s"] > 0 and r["images_per_s"] > 0
+    assert report["sizes"]["256"]["shards"]["items"] == 256
+    runs = report["encode"]["runs"]
+    assert set(runs) == {"1_process_1_thread", "1_process_2_threads", "2_processes_1_thread"}
+    assert all(r["images"] == 32 and r["images_per_s"] > 0 for r in runs.values())
+    assert runs["2_processes_1_thread"]["same_bytes_as_reference"]
+    assert {t["goal"] for t in report["targets"]} == {"< 0.10", ">= 0.95", ">= 1.7x", "1 (yes)"}
+    printed = capsys.readouterr().out
+    assert "| cached latents | layout | peak RSS, MiB |" in printed and "| 256 | in memory |" in printed
+    assert report["encode"]["free_cores_before_each_round"] == [2.0]  # one round (TINY_TIMING)
 
 
 def test_the_baseline_loop_trains():

@@ -1,6 +1,6 @@
 """Checkpoints, exported weights and latent caches that were truncated or corrupted after they
 were written: detected at load with the file's name; `latest` falls back to the newest intact
-checkpoint with a warning; a damaged cache is encoded again."""
+checkpoint with a warning; a damaged cache shard is encoded again, and only it."""
 
 import json
 import os
@@ -12,12 +12,13 @@ import pytest
 import torch
 from accelerate import Accelerator
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from stagediff.pipelines.checkpoint import CorruptCheckpointError, resolve_checkpoint
 from stagediff.pipelines.cli import main
 from stagediff.pipelines.registry import parse_run_config
 from stagediff.pipelines.data import DataConfig, load_data
+from stagediff.pipelines import latents
 from stagediff.pipelines.latents import cache_key, cached_latents
 
 from .helpers import assert_same_weights, copy_run, exported, toy_ddpm_config, train, with_latent_ddpm, write_config
@@ -125,46 +126,90 @@ def digits(trained_vae):
     return load_data(parse_run_config(trained_vae).data)
 
 
+SHARD = 64  # items per shard here: the 256 training digits make 4 shards, the 500 validation ones 8
+
+
 @pytest.fixture
-def encode(trained_vae, digits, tmp_path):
-    """Encode the run's data with its VAE into tmp_path/cache (or read the cache); returns the train latents."""
+def encode(trained_vae, digits, tmp_path, monkeypatch):
+    """Encode the run's data with its VAE into tmp_path/cache (or read the cache); returns the
+    train latents. `encode.shards` lists the shards each call encoded."""
     vae_dir = Path(trained_vae["output_dir"]) / "vae" / "vae"
     accelerator = Accelerator(cpu=True)
-    return lambda: cached_latents(vae_dir, digits, "mean", tmp_path / "cache", accelerator).train.samples
+    encoded = []
+    write_shard = latents._write_shard
+    monkeypatch.setattr(latents, "_write_shard", lambda path, *args: (encoded.append(path.name), write_shard(path, *args)))
+
+    def call():
+        encoded.clear()
+        return cached_latents(vae_dir, digits, "mean", tmp_path / "cache", accelerator, shard_size=SHARD).train.samples
+
+    call.shards = encoded
+    return call
 
 
-@pytest.mark.parametrize("how, problem", [(truncate, "is unreadable"), (empty, "is unreadable"),
-                                          (flip_a_byte, "is truncated or corrupted")])
-def test_a_damaged_latent_cache_is_named_and_encoded_again(encode, tmp_path, how, problem):
+def shard_path(tmp_path, name="train-00001.safetensors") -> Path:
+    [folder] = (tmp_path / "cache").glob("latents-*")
+    return folder / name
+
+
+def delete(path: Path) -> None:
+    path.unlink()
+
+
+@pytest.mark.parametrize("how, problem", [
+    (truncate, r"is truncated or overwritten: \d+ bytes, its header describes \d+"),
+    (empty, "is unreadable: 0 bytes, no safetensors header"),
+    (flip_a_byte, r"is corrupted \(its tensors do not match the SHA-256 in its header\)"),
+    (None, "is missing")], ids=["truncated", "empty", "flipped", "deleted"])
+def test_a_damaged_latent_cache_shard_is_named_and_encoded_again(encode, tmp_path, how, problem):
     clean = encode()
-    [path] = (tmp_path / "cache").glob("latents-*.safetensors")
-    damage(path, how)
-    with pytest.warns(UserWarning, match=rf"latent cache {re.escape(str(path))} {problem}.*encoding the latents again"):
+    assert len(encode.shards) == 12
+    path = shard_path(tmp_path)
+    delete(path) if how is None else damage(path, how)
+    with pytest.warns(UserWarning, match=rf"latent cache shard {re.escape(str(path))} {problem}; encoding it again"):
         assert torch.equal(encode(), clean)
+    assert encode.shards == [path.name]  # the other shards are kept
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert torch.equal(encode(), clean)  # the cache is whole again
+    assert encode.shards == []
 
 
-def test_a_cache_made_from_something_else_is_not_used(encode, tmp_path):
+def test_a_latent_cache_shard_made_from_something_else_is_not_used(encode, tmp_path):
     clean = encode()
-    [path] = (tmp_path / "cache").glob("latents-*.safetensors")
+    path = shard_path(tmp_path)
     tensors = load_file(path)
-    save_file({k: v + 1 for k, v in tensors.items()}, path, metadata={"key": "another VAE", "sha256": "-"})
-    with pytest.warns(UserWarning, match="was made from another VAE, data or latent mode"):
+    tensors["latents"] += 1
+    header = {"key": "another VAE", "split": "train", "start": SHARD, "count": SHARD}
+    latents._write_shard(path, tensors, header)  # whole, its SHA-256 right, but of another key
+    with pytest.warns(UserWarning, match=f"{re.escape(str(path))} was made from another VAE, data or latent mode"):
         assert torch.equal(encode(), clean)
 
 
-def test_a_half_written_cache_is_never_read_and_is_swept(encode, tmp_path):
+def test_a_damaged_latent_cache_manifest_is_named_and_written_again_from_the_shards(encode, tmp_path):
     clean = encode()
-    [path] = (tmp_path / "cache").glob("latents-*.safetensors")
-    debris = path.with_name(f".tmp-4242-{path.name}")  # what a kill while writing leaves
-    debris.write_bytes(truncate(path.read_bytes()))
-    path.unlink()
+    manifest = shard_path(tmp_path, latents.MANIFEST)
+    written = manifest.read_bytes()
+    damage(manifest, truncate)
+    with pytest.warns(UserWarning, match=rf"latent cache manifest {re.escape(str(manifest))} is unreadable"):
+        assert torch.equal(encode(), clean)
+    assert encode.shards == [] and manifest.read_bytes() == written  # every shard was checked and kept
+
+
+def test_a_killed_latent_encode_resumes_from_its_finished_shards_and_never_reads_a_partial_one(encode, tmp_path):
+    """What a kill while writing the third shard leaves: two shards, a partial temporary file, no manifest."""
+    clean = encode()
+    folder = shard_path(tmp_path).parent
+    for path in folder.iterdir():
+        if path.name not in ("train-00000.safetensors", "train-00001.safetensors"):
+            path.unlink()
+    debris = folder / ".tmp-4242-train-00002.safetensors"
+    debris.write_bytes(truncate(shard_path(tmp_path).read_bytes()))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert torch.equal(encode(), clean)
-    assert not debris.exists() and path.is_file()
+    assert "train-00000.safetensors" not in encode.shards and "train-00001.safetensors" not in encode.shards
+    assert len(encode.shards) == 10 and not debris.exists()
 
 
 def test_the_cache_key_covers_the_vae_the_data_files_and_the_mode(trained_vae, tmp_path):

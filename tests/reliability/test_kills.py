@@ -2,12 +2,13 @@
 then a resume from `latest`: training continues from the last complete checkpoint and (for a kill after
 a checkpoint) ends with the weights of an uninterrupted run; nothing half-written is ever picked up."""
 
+import json
 import random
 
 from safetensors import safe_open
 
 from stagediff.pipelines.checkpoint import TMP_PREFIX, list_checkpoints, resolve_checkpoint
-from stagediff.pipelines.latents import tensors_digest
+from stagediff.pipelines.latents import MANIFEST, SHARD_HEADER_KEY, tensors_digest
 
 from .helpers import (FAKE_TOKEN, assert_same_weights, copy_run, exported, files_containing, kill_when,
                       start_training, step_of, toy_ddpm_config, train, with_latent_ddpm, write_config)
@@ -74,16 +75,26 @@ def test_a_kill_during_latent_caching_leaves_no_cache_that_is_used(trained_vae, 
     ldm = tmp_path / "killed" / "ldm"
     cache = ldm / "cache"
 
-    def caching():  # stage 2 has started and no complete cache exists yet
-        return (ldm / "config.yaml").is_file() and not list(cache.glob("latents-*"))
+    def caching():  # stage 2 has started and no complete cache (its manifest, written last) exists yet
+        return (ldm / "config.yaml").is_file() and not list(cache.glob(f"latents-*/{MANIFEST}"))
 
     log = tmp_path / "train.log"
     kill_when(start_training(write_config(tmp_path / "killed.yaml", raw), log), caching, random.Random(SEED), log)
     assert "[vae] outputs" in log.read_text() and "cached" not in log.read_text()
-    assert not list(cache.glob("latents-*"))  # at most a temporary file, which no reader looks at
+    assert not list(cache.glob(f"latents-*/{MANIFEST}"))  # finished shards at most, and temporary files
+    for shard in cache.glob("latents-*/*.safetensors"):  # no reader looks at the temporary ones
+        assert_whole_shard(shard)
 
-    train(raw)  # the same command again: stage 1 skipped, stage 2 encodes anew and trains
-    [latents] = cache.glob("*")  # one complete cache, no debris
-    with safe_open(latents, "pt") as f:
-        assert f.metadata()["sha256"] == tensors_digest({name: f.get_tensor(name) for name in f.keys()})
+    train(raw)  # the same command again: stage 1 skipped, stage 2 encodes what is missing and trains
+    [folder] = cache.glob("*")  # one complete cache, no debris
+    assert sorted(p.name for p in folder.iterdir()) == [
+        MANIFEST, "train-00000.safetensors", "validation-00000.safetensors"]
+    for shard in folder.glob("*.safetensors"):
+        assert_whole_shard(shard)
     assert (ldm / "done.json").is_file()
+
+
+def assert_whole_shard(path):
+    with safe_open(path, "pt") as f:
+        header = json.loads(f.metadata()[SHARD_HEADER_KEY])
+        assert header["sha256"] == tensors_digest({name: f.get_tensor(name) for name in f.keys()})
