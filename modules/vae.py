@@ -1,7 +1,7 @@
 """The seed's variational auto-encoder (part IV) around diffusers' `AutoencoderKL`.
 
 Encoder q(z|x) = N(mu_z|x, diag sigma^2_z|x), decoder p(x|z) = N(x_hat(z), sigma_x^2 I) with a
-fixed or learned scalar log-variance, prior p(z) = N(0, I). One datum's loss is the negative
+fixed, learned or calibrated scalar variance (`DECODER_VARIANCES`), prior p(z) = N(0, I). One datum's loss is the negative
 ELBO with one reparameterized sample, as in the seed:
 
     L_i = -ln N(x_i; x_hat(mu + sigma * eps), sigma_x^2 I) + beta * KL(N(mu, sigma^2) || N(0, I)),
@@ -26,6 +26,13 @@ from .divergences import kl_std_normal
 from .gan import GAN_LOSSES, PatchDiscriminator, discriminator_loss, generator_loss
 
 RECONSTRUCTIONS = ("gaussian", "l1", "l2")
+# How sigma_x^2 is set: "fixed" at its initial value; "learned" by gradient descent, one scalar (as
+# latent diffusion's VAE does); "optimal": the value that maximises the likelihood of the batch,
+# sigma*^2 = mean (x - x_hat)^2 (sigma-VAE, Rybkin et al. 2021), tracked for evaluation (`GaussianVAE`).
+DECODER_VARIANCES = ("learned", "optimal", "fixed")
+# The optimal variance's running mean: its horizon, about 1 / (1 - momentum) = 100 training steps,
+# follows the falling reconstruction error closely and averages over batches.
+OPTIMAL_VARIANCE_MOMENTUM = 0.99
 
 
 def make_autoencoder(
@@ -94,8 +101,15 @@ class GaussianVAE(nn.Module):
     Args:
         autoencoder: the encoder/decoder network.
         decoder_log_var: initial (or fixed) ln sigma_x^2 of the decoder's Gaussian.
-        learn_decoder_variance: learn ln sigma_x^2 as one scalar (as latent diffusion's VAE does);
-            only with the "gaussian" reconstruction, the one term it enters.
+        decoder_variance: how sigma_x^2 is set (`DECODER_VARIANCES`). "learned": by gradient, only
+            with the "gaussian" reconstruction, the one term it enters. "optimal": each training
+            batch's Gaussian NLL uses its own maximum-likelihood variance, the batch's mean squared
+            error (detached), so the reconstruction term is (D/2) ln MSE + const: the decoder is
+            calibrated from the first step instead of after ln sigma_x^2 has crept down at the
+            learning rate's pace. `decoder_log_var` then holds ln of the running mean of that
+            variance over training batches, the sigma_x^2 that evaluation and export use: fixed
+            before any held-out datum is seen, so the validation ELBO stays a true bound. Each
+            process tracks its own batches; the main process's value is the one saved.
         kl_weight: beta in front of the KL term during training.
         reconstruction: the training loss's reconstruction term: "gaussian" (the seed's
             -ln N(x; x_hat, sigma_x^2 I)), "l1" or "l2" (`reconstruction_error`). Whatever it is,
@@ -103,13 +117,16 @@ class GaussianVAE(nn.Module):
     """
 
     def __init__(self, autoencoder: AutoencoderKL, decoder_log_var: float = 0.0,
-                 learn_decoder_variance: bool = True, kl_weight: float = 1.0, reconstruction: str = "gaussian"):
+                 decoder_variance: str = "learned", kl_weight: float = 1.0, reconstruction: str = "gaussian"):
         super().__init__()
         if reconstruction not in RECONSTRUCTIONS:
             raise ValueError(f"unknown reconstruction {reconstruction!r}; valid: {', '.join(RECONSTRUCTIONS)}")
+        if decoder_variance not in DECODER_VARIANCES:
+            raise ValueError(f"unknown decoder_variance {decoder_variance!r}; valid: {', '.join(DECODER_VARIANCES)}")
         self.autoencoder = autoencoder
         self.decoder_log_var = nn.Parameter(torch.tensor(float(decoder_log_var)),
-                                            requires_grad=learn_decoder_variance and reconstruction == "gaussian")
+                                            requires_grad=decoder_variance == "learned" and reconstruction == "gaussian")
+        self.decoder_variance = decoder_variance
         self.kl_weight = kl_weight
         self.reconstruction = reconstruction
 
@@ -128,12 +145,26 @@ class GaussianVAE(nn.Module):
         return self._terms(x, *self.sample_reconstruction(x))
 
     def _terms(self, x: Tensor, posterior, x_hat: Tensor) -> dict[str, Tensor]:
-        nll = gaussian_nll(x, x_hat, self.decoder_log_var.to(x_hat.dtype))
+        nll = gaussian_nll(x, x_hat, self._decoder_log_var(x, x_hat).to(x_hat.dtype))
         kl = kl_std_normal(posterior.mean.float(), posterior.logvar.float())
         terms = {"nll": nll.float(), "kl": kl}
         if self.reconstruction != "gaussian":
             terms["reconstruction"] = reconstruction_error(x, x_hat, self.reconstruction).float()
         return terms
+
+    def _decoder_log_var(self, x: Tensor, x_hat: Tensor) -> Tensor:
+        """ln sigma_x^2 for this batch's NLL: the parameter, except in training with the "optimal"
+        variance, where it is ln of the batch's mean squared error and the parameter takes a step
+        of its running mean (see the class docstring)."""
+        if not (self.training and self.decoder_variance == "optimal"):
+            return self.decoder_log_var
+        # In x's precision (float32 under bf16 autocast too). Dequantized data never reconstructs
+        # exactly; the floor only keeps ln finite without dequantization.
+        mse = (x - x_hat.detach()).pow(2).mean().clamp_min(1e-12)
+        with torch.no_grad():
+            running = self.decoder_log_var.exp().lerp(mse, 1 - OPTIMAL_VARIANCE_MOMENTUM)
+            self.decoder_log_var.copy_(running.log())
+        return mse.log()
 
     def _loss(self, terms: dict[str, Tensor], x: Tensor) -> dict[str, Tensor]:
         """Training loss: batch mean of rec + beta * kl (rec the Gaussian NLL or the l1/l2 term),
@@ -175,7 +206,7 @@ class AdversarialVAE(GaussianVAE):
     carry it): one per optimizer step, which assumes no gradient accumulation.
 
     Args:
-        autoencoder, decoder_log_var, learn_decoder_variance, kl_weight, reconstruction: as in
+        autoencoder, decoder_log_var, decoder_variance, kl_weight, reconstruction: as in
             `GaussianVAE`.
         discriminator: the patch discriminator (logit maps).
         disc_weight: the factor in front of lambda * L_adv (taming's `disc_weight`).
@@ -184,9 +215,9 @@ class AdversarialVAE(GaussianVAE):
     """
 
     def __init__(self, autoencoder: AutoencoderKL, discriminator: PatchDiscriminator, decoder_log_var: float = 0.0,
-                 learn_decoder_variance: bool = True, kl_weight: float = 1.0, reconstruction: str = "gaussian",
+                 decoder_variance: str = "learned", kl_weight: float = 1.0, reconstruction: str = "gaussian",
                  disc_weight: float = 1.0, disc_start: int = 0, disc_loss: str = "hinge"):
-        super().__init__(autoencoder, decoder_log_var, learn_decoder_variance, kl_weight, reconstruction)
+        super().__init__(autoencoder, decoder_log_var, decoder_variance, kl_weight, reconstruction)
         if disc_loss not in GAN_LOSSES:
             raise ValueError(f"unknown disc_loss {disc_loss!r}; valid: {', '.join(GAN_LOSSES)}")
         self.discriminator = discriminator

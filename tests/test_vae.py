@@ -14,11 +14,11 @@ from stagediff.pipelines.data import DataConfig, load_data
 from stagediff.pipelines.run import run
 
 
-def tiny_vae(learn_variance=True, log_var=-1.0, kl_weight=1.0) -> GaussianVAE:
+def tiny_vae(variance="learned", log_var=-1.0, kl_weight=1.0) -> GaussianVAE:
     torch.manual_seed(0)
     autoencoder = make_autoencoder(channels=1, resolution=8, block_out_channels=[8, 8], latent_channels=2,
                                    layers_per_block=1, norm_num_groups=4)
-    return GaussianVAE(autoencoder, log_var, learn_variance, kl_weight)
+    return GaussianVAE(autoencoder, log_var, variance, kl_weight)
 
 
 @pytest.mark.numerics
@@ -51,6 +51,35 @@ def test_loss_is_the_seeds_negative_elbo():
     assert out["kl"].item() == pytest.approx(kl.mean().item(), rel=1e-6)
 
 
+@pytest.mark.numerics
+def test_the_optimal_decoder_variance_is_the_batchs_mean_squared_error():
+    """decoder_variance "optimal" (sigma-VAE): a training batch's NLL uses sigma*^2 = mean (x - x_hat)^2,
+    which makes its batch mean (D/2) ln(2 pi e sigma*^2) and no other sigma_x^2 gives less; the
+    parameter moves 1% of the way to sigma*^2 (running mean) and is what evaluation uses."""
+    model = tiny_vae(variance="optimal", log_var=-1.3).double()
+    x = torch.rand(3, 1, 8, 8, dtype=torch.float64) * 2 - 1
+    torch.manual_seed(1)
+    posterior, x_hat = model.sample_reconstruction(x)
+    mse = (x - x_hat).pow(2).mean().item()
+    num_dims = x[0].numel()
+    initial = math.exp(model.decoder_log_var.item())
+
+    nll = model._terms(x, posterior, x_hat)["nll"].mean().item()
+    # The module returns its per-datum terms in float32 (relative rounding 6e-8): rel 1e-6.
+    assert nll == pytest.approx(0.5 * num_dims * math.log(2 * math.pi * math.e * mse), rel=1e-6)
+    assert math.exp(model.decoder_log_var.item()) == pytest.approx(0.99 * initial + 0.01 * mse, rel=1e-9)
+    assert not model.decoder_log_var.requires_grad
+    for other in (0.5, 0.9, 1.1, 2.0):  # sigma*^2 is the minimum
+        expected = 0.5 * num_dims * (math.log(2 * math.pi * other * mse) + 1 / other)
+        assert expected > nll
+
+    model.eval()  # evaluation: the tracked value, not the batch's
+    sigma2 = math.exp(model.decoder_log_var.item())
+    expected = 0.5 * num_dims * math.log(2 * math.pi * sigma2) + (x - x_hat).pow(2).flatten(1).sum(1) / (2 * sigma2)
+    assert model._terms(x, posterior, x_hat)["nll"].mean().item() == pytest.approx(expected.mean().item(), rel=1e-6)
+    assert math.exp(model.decoder_log_var.item()) == pytest.approx(sigma2, rel=0)  # unchanged in eval
+
+
 def test_reparameterization_gradient_reaches_the_encoder():
     model = tiny_vae()
     model(torch.rand(2, 1, 8, 8) * 2 - 1)["loss"].backward()
@@ -73,7 +102,7 @@ def test_small_vae_overfits_a_small_batch():
     data = load_data(DataConfig(source="mnist", resolution=8, max_train_samples=16))
     x = torch.stack([data.train[i]["x"] for i in range(16)])
     mean_image_error = (x - x.mean(dim=0)).pow(2).mean().item()  # about 0.0725
-    model = tiny_vae(learn_variance=False, log_var=-4.0)
+    model = tiny_vae(variance="fixed", log_var=-4.0)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
 
     def recon_error():

@@ -46,9 +46,9 @@ def tiny_model(reconstruction="gaussian", discriminator=False, **adversarial) ->
     autoencoder = make_autoencoder(channels=1, resolution=16, block_out_channels=[8, 8], latent_channels=2,
                                    layers_per_block=1, norm_num_groups=4)
     if not discriminator:
-        return GaussianVAE(autoencoder, -1.3, True, 0.7, reconstruction).double()
+        return GaussianVAE(autoencoder, -1.3, "learned", 0.7, reconstruction).double()
     patches = PatchDiscriminator(in_channels=1, base_channels=8, num_layers=2)
-    return AdversarialVAE(autoencoder, patches, -1.3, True, 0.7, reconstruction, **adversarial).double()
+    return AdversarialVAE(autoencoder, patches, -1.3, "learned", 0.7, reconstruction, **adversarial).double()
 
 
 def by_hand(model: GaussianVAE, x: torch.Tensor, seed: int):

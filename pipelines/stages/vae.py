@@ -28,7 +28,10 @@ class VAEModelConfig:
     layers_per_block: int = 1
     norm_num_groups: int = 32
     decoder_log_var: float = 0.0
-    learn_decoder_variance: bool = True
+    # How sigma_x^2 is set (modules/vae.py's DECODER_VARIANCES): "learned" by gradient from
+    # decoder_log_var, "optimal" (each batch's maximum-likelihood value, tracked for evaluation) or
+    # "fixed" at decoder_log_var.
+    decoder_variance: Literal["learned", "optimal", "fixed"] = "learned"
     kl_weight: float = 1.0
     # Train and evaluate on uniformly dequantized pixels, so the ELBO bounds a density on
     # continuous data and bits/dim are comparable with flows (modules/likelihood.py).
@@ -121,11 +124,11 @@ class VAEStage(Stage):
         autoencoder = make_autoencoder(channels, resolution, cfg.block_out_channels, cfg.latent_channels,
                                        cfg.layers_per_block, cfg.norm_num_groups)
         if not cfg.adversarial:
-            return GaussianVAE(autoencoder, cfg.decoder_log_var, cfg.learn_decoder_variance, cfg.kl_weight,
+            return GaussianVAE(autoencoder, cfg.decoder_log_var, cfg.decoder_variance, cfg.kl_weight,
                                cfg.reconstruction)
         discriminator = PatchDiscriminator(in_channels=channels, base_channels=cfg.disc_channels,
                                            num_layers=cfg.disc_layers)
-        return AdversarialVAE(autoencoder, discriminator, cfg.decoder_log_var, cfg.learn_decoder_variance,
+        return AdversarialVAE(autoencoder, discriminator, cfg.decoder_log_var, cfg.decoder_variance,
                               cfg.kl_weight, cfg.reconstruction, cfg.disc_weight, cfg.disc_start, cfg.disc_loss)
 
     @classmethod
