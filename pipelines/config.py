@@ -201,10 +201,6 @@ def parse_run_config(raw: dict, kinds: StageKinds) -> RunConfig:
         if stage.input is not None and stage.input not in names[:index]:
             raise ConfigError(f"stages.{stage.name}.input: {stage.input!r} is not an earlier stage; "
                               f"earlier stages are {names[:index]}")
-        if stage.input is not None and config.data.streaming:  # the cache's shards are cut by item index
-            raise ConfigError(f"stages.{stage.name}.input: a stage with an input VAE encodes the data into a latent "
-                              "cache, which cannot read a stream yet (data.streaming: true); set "
-                              "data.streaming: false, or train this stage on pixels")
     return config
 
 

@@ -53,7 +53,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Optional, get_args
+from typing import Any, Callable, Iterable, Iterator, Literal, Optional, get_args
 
 import datasets
 import numpy as np
@@ -741,22 +741,32 @@ class StreamingImages(IterableDataset):
                         "and no indexing; what asked for them needs data.streaming: false")
 
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
-        entries = self.entries(self.rows)
-        if self.cfg.max_train_samples is not None:
-            entries = itertools.islice(entries, self.cfg.max_train_samples)
-        for entry in entries:
-            try:
-                pixels = self.read(entry)
-            except BadImageError:
-                if not self.cfg.skip_bad_images:
-                    raise
-                continue
-            yield {"x": to_model_range(pixels), "label": torch.tensor(UNLABELLED)}
+        return self.items(self.train_entries(), left_out=[])
 
     def entries(self, rows: datasets.IterableDataset) -> Iterator[dict[str, Any]]:
         """The undecoded image entries of `rows` that belong to the train split."""
         column = self.cfg.image_column
         return (row[column] for row in rows if row_key(row[column]) not in self.held_out)
+
+    def train_entries(self) -> Iterator[dict[str, Any]]:
+        """The split's undecoded entries in the stream's own order, `max_train_samples` at most:
+        what iterating it decodes (a latent cache cuts its shards from them, `latents.StreamShards`)."""
+        entries = self.entries(self.rows)
+        limit = self.cfg.max_train_samples
+        return entries if limit is None else itertools.islice(entries, limit)
+
+    def items(self, entries: Iterable[dict[str, Any]], left_out: list[str]) -> Iterator[dict[str, Tensor]]:
+        """The items of the readable ones of `entries`, decoded in order. An unreadable image is a
+        BadImageError, or with data.skip_bad_images left out, its name appended to `left_out`."""
+        for entry in entries:
+            try:
+                pixels = self.read(entry)
+            except BadImageError as err:
+                if not self.cfg.skip_bad_images:
+                    raise
+                left_out.append(err.name)
+                continue
+            yield {"x": to_model_range(pixels), "label": torch.tensor(UNLABELLED)}
 
     def read(self, entry: dict[str, Any]) -> Tensor:
         """The preprocessed uint8 image of an entry; BadImageError when it cannot be read."""

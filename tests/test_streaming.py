@@ -1,10 +1,10 @@
 """data.streaming: local parquet shards read as a stream (datasets' IterableDataset), split by
-process, shuffled in blocks, and resumed exactly from a checkpoint; all offline. Also source
-`files` without streaming, and the loader options."""
+process, shuffled in blocks, and resumed exactly from a checkpoint; a latent stage trains on a
+stream encoded into the latent cache; all offline. Also source `files` without streaming, and the
+loader options. The streamed latent cache itself: tests/test_latent_shards.py."""
 
 import io
 import json
-import re
 
 import datasets
 import pytest
@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from stagediff.pipelines.config import ConfigError
 from stagediff.pipelines.data import DataConfig, StreamBatches, load_data
+from stagediff.pipelines.latents import open_cache
 from stagediff.pipelines.registry import parse_run_config
 from stagediff.pipelines.run import make_accelerator, run
 from stagediff.pipelines.trainer import _loader_options
@@ -105,6 +105,23 @@ def test_training_resumed_from_a_checkpoint_equals_an_uninterrupted_run(shards, 
         assert torch.equal(weights[0][key], weights[1][key]), key
 
 
+def test_a_latent_stage_trains_on_a_stream_encoded_into_the_latent_cache(shards, tmp_path):
+    raw = tiny_vae_config(tmp_path / "run", batch_size=8)
+    raw["data"] = {"source": "files", "data_files": shards, "streaming": True, "resolution": 8,
+                   "stream_validation_samples": 8, "shuffle_buffer": 16}
+    raw["stages"][0]["model"]["block_out_channels"] = [8, 8]
+    raw["stages"].append({"name": "ldm", "kind": "ddpm", "input": "vae", "training": {"max_steps": 3, "batch_size": 8},
+                          "model": {"block_out_channels": [8, 16], "attention": [False, False], "norm_num_groups": 8,
+                                    "num_train_timesteps": 20, "num_inference_steps": 2, "num_eval_samples": 8}})
+    results = run(parse_run_config(raw))
+    assert results["ldm"]["val_loss"] > 0 and (tmp_path / "run" / "ldm" / "done.json").is_file()
+    [cache] = (tmp_path / "run" / "ldm" / "cache").glob("latents-*")
+    splits = open_cache(cache)
+    # Every training item once (the 64 after the 8 held out), as 2x4x4 latents of the 8x8 images.
+    assert (len(splits["train"]), len(splits["validation"])) == (64, 8)
+    assert splits["train"].shape == (2, 4, 4) and splits["train"].samples.unique(dim=0).shape[0] == 64
+
+
 def test_streaming_is_refused_where_it_cannot_work_yet(shards, tmp_path):
     with pytest.raises(ValueError, match=r"data\.streaming=True is invalid: expected false unless data\.source is one "
                                          r"of \['hub', 'files'\] \(here 'mnist'\)"):
@@ -121,12 +138,6 @@ def test_streaming_is_refused_where_it_cannot_work_yet(shards, tmp_path):
     with pytest.raises(ValueError, match=r"stream_validation_samples=24: .* holds 24 item\(s\) or fewer, which leaves "
                                          r"none for training"):
         load_data(stream_config(shards[:1], stream_validation_samples=24))
-    raw = tiny_vae_config(tmp_path / "run")
-    raw["data"] = {"source": "files", "data_files": shards, "streaming": True}
-    raw["stages"].append({"name": "ldm", "kind": "ddpm", "input": "vae"})
-    with pytest.raises(ConfigError, match=re.escape("stages.ldm.input: a stage with an input VAE encodes the data into "
-                                                    "a latent cache, which cannot read a stream yet")):
-        parse_run_config(raw)
     with pytest.raises(FileNotFoundError, match=r"data\.data_files: "):
         load_data(stream_config([str(tmp_path / "missing-*.parquet")]))
 
