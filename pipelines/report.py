@@ -195,9 +195,25 @@ def likelihood(stage: StageResult) -> str:
     return f"{found.kind}: {found.name + ' ' if found.name else ''}{fmt(found.value)} {found.unit}"
 
 
-COMPARISON_COLUMNS = ["run / stage", "family", "space", "parameters", "training s", "likelihood", "FD",
+COMPARISON_COLUMNS = ["run / stage", "family", "space", "parameters", "training s", "training s with inputs",
+                      "likelihood", "FD",
                       "FD floor", "SWD", "classes", "class KL", "% of requested class", "FD per class", "modes", "% HQ",
                       "sampling s / sample", "evaluations / sample"]
+
+
+def training_budget(stage: StageResult, stages: list[StageResult]) -> str:
+    """The stage's training seconds with those of the stages it stands on (a latent stage's VAE, and
+    so on), so that a pixel stage and a latent one compare at equal compute: "660 (ldm 420 + vae 240)"."""
+    by_name = {s.name: s for s in stages if s.run == stage.run}
+    chain = [stage]
+    while chain[-1].block.get("input") in by_name:
+        chain.append(by_name[chain[-1].block["input"]])
+    seconds = [s.metrics.get("train_seconds") for s in chain]
+    if None in seconds:
+        return "—"
+    if len(chain) == 1:
+        return fmt(seconds[0], 4)
+    return f"{fmt(sum(seconds), 4)} ({' + '.join(f'{s.name} {fmt(t, 4)}' for s, t in zip(chain, seconds))})"
 
 
 def comparison_rows(stages: list[StageResult]) -> list[list[str]]:
@@ -207,7 +223,8 @@ def comparison_rows(stages: list[StageResult]) -> list[list[str]]:
         if s.kind.evaluation_task != "generation":
             continue
         rows.append([s.label, s.kind.kind, SPACE_NAMES.get(s.space, s.space), fmt(s.sampling_parameters()),
-                     fmt(s.metrics.get("train_seconds"), 4), likelihood(s), fmt(s.metric("fd")),
+                     fmt(s.metrics.get("train_seconds"), 4), training_budget(s, stages), likelihood(s),
+                     fmt(s.metric("fd")),
                      fmt(s.metric("fd_train_vs_heldout")), fmt(s.metric("swd")), fmt(s.metric("classes_covered")),
                      fmt(s.metric("class_kl")), fmt(percent(s.metric("conditional_accuracy"))),
                      fmt(s.metric("fd_per_class")), fmt(s.metric("modes_covered")),
@@ -254,7 +271,7 @@ def family_table(stages: list[StageResult]) -> tuple[list[str], list[list[str]]]
         "measured": [likelihood(best[k]) for k in families],
         **{line: [k.course_verdicts[line] for k in families] for line in VERDICT_LINES[1:]},
         "samples (FD, classes covered)": [quality(k) for k in families],
-        "training time": [f"{fmt(best[k].metrics.get('train_seconds'), 4)} s" for k in families],
+        "training time (with the stages it stands on)": [f"{training_budget(best[k], stages)} s" for k in families],
     }
     return ["property"] + [k.course_name for k in families], [[line, *cells] for line, cells in lines.items()]
 

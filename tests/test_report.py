@@ -69,6 +69,12 @@ def test_compare_trains_every_family_and_tabulates_their_measured_metrics(compar
         assert row["FD"] == fmt(metrics["fd"]) and row["classes"] == fmt(metrics["classes_covered"])
         assert row["sampling s / sample"] == fmt(metrics["sampling_seconds_per_sample"])
         assert row["training s"] == fmt(metrics["train_seconds"], 4)
+    # Equal compute: a latent stage's budget counts its VAE's training too, a pixel stage's its own.
+    seconds = {name: json.loads((run_dir / name / "metrics.json").read_text())["train_seconds"]
+               for name in ("vae", "ldm", "pixel_ddpm")}
+    assert rows["run/ldm"]["training s with inputs"] == (
+        f"{fmt(seconds['ldm'] + seconds['vae'], 4)} (ldm {fmt(seconds['ldm'], 4)} + vae {fmt(seconds['vae'], 4)})")
+    assert rows["run/pixel_ddpm"]["training s with inputs"] == fmt(seconds["pixel_ddpm"], 4)
     assert rows["run/ldm"]["space"] == "VAE latents" and rows["run/pixel_ddpm"]["space"] == "pixels"
     assert rows["run/ldm"]["evaluations / sample"] == "5 (dpmsolver) + decoder"
     assert rows["run/latent_gan"]["evaluations / sample"] == "1 + decoder"
