@@ -36,7 +36,7 @@ from stagediff.pipelines.registry import load_config
 from stagediff.pipelines.sampling import pick_device
 from stagediff.pipelines.stage_folder import DONE_FILE
 
-from .data import DEFAULT_ENCODE_ITEMS, DEFAULT_SIZES, format_data, measure_data
+from .data import DEFAULT_ENCODE_ITEMS, DEFAULT_FOLDER_SIZES, DEFAULT_SIZES, format_data, measure_data
 from .loops import PRECISIONS, SLOW_RUN_DIVISOR, Timing, _latent_shape
 from .report import check_targets, format_report
 from .sampling import measure_samplers
@@ -87,6 +87,8 @@ def add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-only", action="store_true", help="run the latent cache's data section (item 6) alone")
     parser.add_argument("--data-sizes", default=",".join(map(str, DEFAULT_SIZES)),
                         help="comma-separated numbers of cached latents for item 6 (default %(default)s)")
+    parser.add_argument("--folder-sizes", default=",".join(map(str, DEFAULT_FOLDER_SIZES)),
+                        help="comma-separated numbers of images in item 6's image folders (default %(default)s)")
     parser.add_argument("--encode-items", type=int, default=DEFAULT_ENCODE_ITEMS,
                         help="images encoded per run of item 6's encode comparison, a multiple of 4 (default "
                              "%(default)s: four shards)")
@@ -151,11 +153,14 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         report["settings"]["vae"] = vae_origin
 
         def data_section() -> dict:  # 6. the sharded latent cache
-            sizes = [int(size) for size in args.data_sizes.split(",") if size.strip()]
+            def numbers(text: str) -> list[int]:
+                return [int(size) for size in text.split(",") if size.strip()]
+
             return measure_data(stage_cfg, _latent_shape(vae_stage_dir, data), data.sample_shape, vae_stage_dir,
-                                tmp / "data", sizes=sizes, batch_size=batch_size, timing=timing.shortened(),
-                                threads=threads, cpu=cpu, encode_items=args.encode_items, rounds=args.rounds,
-                                seed=config.seed)
+                                tmp / "data", sizes=numbers(args.data_sizes), batch_size=batch_size,
+                                timing=timing.shortened(), threads=threads, cpu=cpu,
+                                folder_sizes=numbers(args.folder_sizes), encode_items=args.encode_items,
+                                rounds=args.rounds, seed=config.seed)
 
         if args.data_only:
             report["data"] = data_section()

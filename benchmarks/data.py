@@ -17,6 +17,12 @@
    two-process caches are compared byte for byte. Before each round, the cores other work leaves
    free are measured (`free_cores_now`): on a shared machine they decide what two processes can gain.
 
+3. **Image folders** (default 10k and 100k random PNGs of the data's shape in ten class folders,
+   written first): a fresh spawned process reads the folder (`source: imagefolder`), builds the
+   config's UNet on pixels and trains it: peak resident set, seconds from reading the folder to the
+   end of the first optimizer step, and of that, the seconds `load_data` took (a pass over every
+   image would grow with the folder; listing it is all that should).
+
 Every measurement is the best of `--rounds` rounds (default 2), the layouts and the encode runs
 alternating, as the training loops' are: a round disturbed by other work on the machine does not
 decide. The ratios the targets name come from the same run.
@@ -35,13 +41,15 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import DataLoaderConfiguration
+from PIL import Image
 from torch.utils.data import DataLoader
 
 from stagediff.pipelines.config import StageConfig
-from stagediff.pipelines.data import DataConfig, DataSplits, InMemoryDataset
+from stagediff.pipelines.data import DataConfig, DataSplits, InMemoryDataset, load_data
 from stagediff.pipelines.latents import MANIFEST, SHARD_ITEMS, LatentShards, Shard, build_cache, cached_latents
 from stagediff.pipelines.stages.ddpm import DDPMStage
 
@@ -50,6 +58,7 @@ from .session import best_round
 from .system import measure_loader
 
 DEFAULT_SIZES = (10_000, 100_000, 1_000_000)
+DEFAULT_FOLDER_SIZES = (10_000, 100_000)
 DEFAULT_ENCODE_ITEMS = 4 * SHARD_ITEMS  # four shards: an even share for one, two or four processes
 VALIDATION_ITEMS = 1024
 REPO = Path(__file__).resolve().parents[1]
@@ -60,7 +69,7 @@ ENCODE_RUNS = ((1, 1), (1, 2), (2, 1))
 
 def measure_data(stage_cfg: StageConfig, latent_shape: tuple[int, int, int], image_shape: tuple[int, int, int],
                  vae_stage_dir: Path, work_dir: Path, *, sizes=DEFAULT_SIZES, batch_size: int, timing: Timing,
-                 threads: int, cpu: bool, encode_items: int = DEFAULT_ENCODE_ITEMS,
+                 threads: int, cpu: bool, folder_sizes=DEFAULT_FOLDER_SIZES, encode_items: int = DEFAULT_ENCODE_ITEMS,
                  encode_runs=ENCODE_RUNS, rounds: int = 1, seed: int = 0) -> dict:
     """The data section's measurements and targets (module docstring). `stage_cfg`: the latent
     ddpm stage whose model trains; `latent_shape`: its (C, H, W); `image_shape`: the data's. Each
@@ -76,6 +85,14 @@ def measure_data(stage_cfg: StageConfig, latent_shape: tuple[int, int, int], ima
                 results.append(in_fresh_process(probe, folder, layout, stage_cfg, batch_size, timing, threads, cpu,
                                                 seed))
         out["sizes"][str(size)] = {layout: best_round(results) for layout, results in measured.items()}
+        shutil.rmtree(folder)
+    out["image_folders"] = {}
+    for size in folder_sizes:
+        folder = work_dir / f"images-{size}"
+        write_image_folder(folder, size, image_shape, seed)
+        out["image_folders"][str(size)] = min(
+            (in_fresh_process(probe_image_folder, folder, image_shape, stage_cfg, batch_size, threads, cpu, seed)
+             for _ in range(rounds)), key=lambda r: r["time_to_first_step_s"])
         shutil.rmtree(folder)
     out["encode"] = measure_encode(vae_stage_dir, image_shape, encode_items, encode_runs, work_dir / "encode", seed,
                                    rounds)
@@ -146,6 +163,44 @@ def probe(folder: Path, layout: str, stage_cfg: StageConfig, batch_size: int, ti
     return {"items": len(train), "peak_rss_mib": peak_rss, "rss_before_opening_mib": rss_before,
             "time_to_first_step_s": first_step_s, **summary(windows, timing, batch_size, "fp32"),
             "loader_images_per_s": loader_alone["loader_images_per_s"]}
+
+
+def write_image_folder(folder: Path, size: int, shape: tuple[int, int, int], seed: int) -> None:
+    """`size` PNGs of uniform random pixels of `shape` (C, H, W), in ten class folders."""
+    channels, height, width = shape
+    mode = {1: "L", 3: "RGB", 4: "RGBA"}[channels]
+    rng = np.random.default_rng(seed)
+    for label in range(10):
+        (folder / f"class_{label}").mkdir(parents=True)
+    for index in range(size):
+        pixels = rng.integers(0, 256, (height, width, channels), dtype=np.uint8)
+        Image.fromarray(pixels[..., 0] if channels == 1 else pixels, mode).save(
+            folder / f"class_{index % 10}" / f"{index:07d}.png")
+
+
+def probe_image_folder(folder: Path, image_shape: tuple[int, int, int], stage_cfg: StageConfig, batch_size: int,
+                       threads: int, cpu: bool, seed: int) -> dict:
+    """In this (fresh) process: read the image folder as training does, train the stage's UNet on its
+    pixels for one step; peak RSS, time to the first step and, of it, the data loading's."""
+    torch.set_num_threads(threads)
+    accelerator = Accelerator(cpu=cpu)
+    torch.set_num_threads(threads)  # Accelerate may set its own on CPUs
+    channels, resolution, _ = image_shape
+    started = time.perf_counter()
+    data = load_data(DataConfig(source="imagefolder", train_data_dir=str(folder), resolution=resolution,
+                                channels=channels))
+    load_data_s = time.perf_counter() - started
+    torch.manual_seed(seed)
+    model = DDPMStage(stage_cfg, data).build_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    loader = DataLoader(data.train, batch_size=batch_size, shuffle=True, drop_last=True,
+                        num_workers=stage_cfg.training.num_workers, generator=torch.Generator().manual_seed(seed))
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    accelerator.backward(model(next(iter(loader))["x"])["loss"])
+    optimizer.step()
+    first_step_s = time.perf_counter() - started
+    return {"items": len(data.train) + len(data.validation), "peak_rss_mib": _peak_rss_mib(),
+            "load_data_s": load_data_s, "time_to_first_step_s": first_step_s}
 
 
 def _never_encode(shard: Shard):
@@ -298,6 +353,12 @@ def data_targets(out: dict) -> list[dict]:
     for size, layouts in sizes.items():
         ratio = layouts["shards"]["images_per_s"] / layouts["in_memory"]["images_per_s"]
         add(f"training images/s from shards vs in memory, {int(size):,} latents", ratio, ">= 0.95", ratio >= 0.95)
+    folders = out["image_folders"]
+    if len(folders) > 1:
+        smallest, largest = min(folders, key=int), max(folders, key=int)
+        growth = folders[largest]["time_to_first_step_s"] / folders[smallest]["time_to_first_step_s"] - 1
+        add(f"time to the first step, image folder of {int(largest):,} vs {int(smallest):,} images", growth,
+            "< 0.10", growth < 0.10)
     two = [r for r in out["encode"]["runs"].values() if r["processes"] == 2 and r["threads"] == 1]
     if two:
         add("encode images/s, 2 processes vs 1 (one thread each, 2 cores)", two[0]["speedup"], ">= 1.7x",
@@ -317,6 +378,11 @@ def format_data(out: dict) -> str:
             lines.append(f"| {int(size):,} | {layout.replace('_', ' ')} | {r['peak_rss_mib']:.0f} | "
                          f"{r['time_to_first_step_s']:.2f} | {r['images_per_s']:.0f} | "
                          f"{r['loader_images_per_s']:.0f} |")
+    lines += ["", "| image folder (PNGs) | peak RSS, MiB | time to first step, s | of which load_data, s |",
+              "|---|---|---|---|"]
+    for size, r in out["image_folders"].items():
+        lines.append(f"| {int(size):,} | {r['peak_rss_mib']:.0f} | {r['time_to_first_step_s']:.2f} | "
+                     f"{r['load_data_s']:.2f} |")
     encode = out["encode"]
     free = ", ".join(f"{cores:.2f}" for cores in encode["free_cores_before_each_round"])
     lines += ["", f"free cores before each encode round (two single-thread matmul loops side by side over "

@@ -93,8 +93,8 @@ def test_the_data_section_measures_shards_against_memory_and_encoding_by_process
     out = tmp_path / "report.json"
     threads = torch.get_num_threads()
     try:
-        cli.main(["--config", str(config), *TINY_TIMING, "--data-only", "--data-sizes", "64,256", "--encode-items",
-                  "32", "--out", str(out)])
+        cli.main(["--config", str(config), *TINY_TIMING, "--data-only", "--data-sizes", "64,256", "--folder-sizes",
+                  "40,80", "--encode-items", "32", "--out", str(out)])
     finally:
         torch.set_num_threads(threads)
     report = json.loads(out.read_text())["data"]
@@ -103,13 +103,18 @@ def test_the_data_section_measures_shards_against_memory_and_encoding_by_process
         for r in layouts.values():
             assert r["peak_rss_mib"] > 0 and r["time_to_first_step_s"] > 0 and r["images_per_s"] > 0
     assert report["sizes"]["256"]["shards"]["items"] == 256
+    folders = report["image_folders"]
+    assert list(folders) == ["40", "80"] and folders["80"]["items"] == 80
+    assert all(0 < r["load_data_s"] < r["time_to_first_step_s"] and r["peak_rss_mib"] > 0 for r in folders.values())
     runs = report["encode"]["runs"]
     assert set(runs) == {"1_process_1_thread", "1_process_2_threads", "2_processes_1_thread"}
     assert all(r["images"] == 32 and r["images_per_s"] > 0 for r in runs.values())
     assert runs["2_processes_1_thread"]["same_bytes_as_reference"]
     assert {t["goal"] for t in report["targets"]} == {"< 0.10", ">= 0.95", ">= 1.7x", "1 (yes)"}
+    assert any(t["target"].startswith("time to the first step, image folder of 80") for t in report["targets"])
     printed = capsys.readouterr().out
     assert "| cached latents | layout | peak RSS, MiB |" in printed and "| 256 | in memory |" in printed
+    assert "| image folder (PNGs) |" in printed
     assert report["encode"]["free_cores_before_each_round"] == [2.0]  # one round (TINY_TIMING)
 
 
