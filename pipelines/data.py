@@ -148,6 +148,10 @@ class DataConfig:
     validation_fraction: float = 0.1
     split_seed: int = 0
     max_train_samples: Optional[int] = None
+    # Keep this many validation items (a random, class-balanced subset, as max_train_samples): the
+    # validation loss, early stopping and the end-of-training metrics read them all. Streams hold
+    # out `stream_validation_samples` instead.
+    max_eval_samples: Optional[int] = None
     # Replace an unreadable image by the next readable one of its split and count it (one warning at the
     # end of training) instead of stopping; stop anyway once more than `max_bad_fraction` of the training
     # images turn out unreadable.
@@ -169,6 +173,12 @@ class DataConfig:
             self.max_train_samples is None or _is_positive_int(self.max_train_samples),
             "max_train_samples", self.max_train_samples, "a positive integer or null",
         )
+        _require(
+            self.max_eval_samples is None or _is_positive_int(self.max_eval_samples),
+            "max_eval_samples", self.max_eval_samples, "a positive integer or null",
+        )
+        _require(not (self.streaming and self.max_eval_samples), "max_eval_samples", self.max_eval_samples,
+                 "null when streaming (a stream holds out its first stream_validation_samples items: set that)")
         for flag in ("center_crop", "random_flip", "skip_bad_images", "streaming"):
             _require(isinstance(getattr(self, flag), bool), flag, getattr(self, flag), "true or false")
         _require(isinstance(self.max_bad_fraction, (int, float)) and not isinstance(self.max_bad_fraction, bool)
@@ -632,6 +642,8 @@ def load_data(cfg: DataConfig) -> DataSplits:
         train_indices, validation_indices = split_held_out(samples.held_out, cfg.split_seed)
     if cfg.max_train_samples is not None:
         train_indices = train_indices[: cfg.max_train_samples]
+    if cfg.max_eval_samples is not None:
+        validation_indices = validation_indices[: cfg.max_eval_samples]
     kind: Kind = "vector" if cfg.source == "toy" else "image"
     sample_shape = (2,) if kind == "vector" else (cfg.channels, cfg.resolution, cfg.resolution)
     split = ReadableSubset if cfg.skip_bad_images else Subset

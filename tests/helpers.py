@@ -10,12 +10,13 @@ from PIL import Image
 
 
 def tiny_vae_config(output_dir, **training) -> dict:
-    """A raw run config for a VAE small enough to train a few steps in seconds."""
+    """A raw run config for a VAE small enough to train a few steps in seconds (and to be scored in
+    seconds: 128 of the 500 held-out digits, whose patch metric alone took 7.6 of a 12 s run)."""
     return {
         "output_dir": str(output_dir),
         "seed": 0,
         "log_with": "none",
-        "data": {"source": "mnist", "resolution": 16, "max_train_samples": 256},
+        "data": {"source": "mnist", "resolution": 16, "max_train_samples": 256, "max_eval_samples": 128},
         "stages": [{
             "name": "vae",
             "kind": "vae",

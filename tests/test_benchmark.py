@@ -21,7 +21,7 @@ from stagediff.pipelines.run import run
 
 TINY = {
     "seed": 0, "log_with": "none",
-    "data": {"source": "mnist", "resolution": 16, "max_train_samples": 256},
+    "data": {"source": "mnist", "resolution": 16, "max_train_samples": 256, "max_eval_samples": 128},
     "stages": [
         {"name": "vae", "kind": "vae",
          "model": {"block_out_channels": [8, 16], "latent_channels": 2, "norm_num_groups": 8},

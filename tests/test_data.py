@@ -128,6 +128,17 @@ def test_mnist_resizes_replicates_channels_and_truncates():
     assert len({int(splits.train[i]["label"]) for i in range(64)}) > 5
 
 
+def test_max_eval_samples_keeps_a_class_balanced_part_of_the_validation_split():
+    whole = load_data(DataConfig(resolution=8))
+    kept = load_data(DataConfig(resolution=8, max_eval_samples=50))
+    assert len(kept.validation) == 50 and kept.train.indices == whole.train.indices
+    assert set(kept.validation.indices) < set(whole.validation.indices)
+    labels = [int(kept.validation[i]["label"]) for i in range(50)]
+    assert max(labels.count(c) for c in range(10)) <= 10  # not one class's rows: every class has ~5
+    with pytest.raises(ValueError, match=r"data\.max_eval_samples=100 .*stream_validation_samples"):
+        DataConfig(source="files", data_files=["a.parquet"], streaming=True, max_eval_samples=100)
+
+
 # ----------------------------------------------------------------------------- splitting
 
 
@@ -323,6 +334,7 @@ def test_hf_dataset_unreadable_bytes_name_the_row():
         ({"validation_fraction": 0}, "validation_fraction"),
         ({"source": "mnst"}, "source"),
         ({"max_train_samples": 0}, "max_train_samples"),
+        ({"max_eval_samples": -1}, "max_eval_samples"),
         ({"toy_samples": -5}, "toy_samples"),
         ({"center_crop": "yes"}, "center_crop"),
         ({"source": "imagefolder"}, "train_data_dir"),

@@ -133,7 +133,7 @@ def test_a_perfect_model_of_one_image_has_only_its_prior_and_decoder_terms(predi
 
 def pixel_ddpm_config(output_dir, **model) -> dict:
     return {"output_dir": str(output_dir), "seed": 0, "log_with": "none",
-            "data": {"source": "mnist", "resolution": 16, "max_train_samples": 256},
+            "data": {"source": "mnist", "resolution": 16, "max_train_samples": 256, "max_eval_samples": 128},
             "stages": [{"name": "ddpm", "kind": "ddpm",
                         "model": {"block_out_channels": [8, 16], "attention": [False, False], "norm_num_groups": 8,
                                   "num_train_timesteps": 50, "num_inference_steps": 5, "num_eval_samples": 16,

@@ -14,9 +14,10 @@ from stagediff.pipelines.stages.ddpm import DDPMStage
 
 @pytest.mark.numerics
 def test_ring8_ddpm_covers_every_mode_with_high_quality(tmp_path):
-    # Under a minute of training on 2 CPU cores (about 2,000 steps of a 3-layer MLP).
+    # 1,000 steps of a 3-layer MLP, about 20 s on one core: 8 of 8 modes and 77.8% high-quality
+    # samples under the avx2 and default kernel sets alike (2,000 steps: 95.0%).
     config = load_config(Path(__file__).parent.parent / "configs" / "ring8_ddpm.yaml", [f"output_dir={tmp_path}", "log_with=none",
-                                                     "stages.ddpm.training.max_steps=2000",
+                                                     "stages.ddpm.training.max_steps=1000",
                                                      "stages.ddpm.training.sample_every=null",
                                                      "stages.ddpm.model.num_eval_samples=500"])
     run(config)

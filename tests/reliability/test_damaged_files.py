@@ -126,7 +126,7 @@ def digits(trained_vae):
     return load_data(parse_run_config(trained_vae).data)
 
 
-SHARD = 64  # items per shard here: the 256 training digits make 4 shards, the 500 validation ones 8
+SHARD = 64  # items per shard here: the 256 training digits make 4 shards, the 128 validation ones 2
 
 
 @pytest.fixture
@@ -163,7 +163,7 @@ def delete(path: Path) -> None:
     (None, "is missing")], ids=["truncated", "empty", "flipped", "deleted"])
 def test_a_damaged_latent_cache_shard_is_named_and_encoded_again(encode, tmp_path, how, problem):
     clean = encode()
-    assert len(encode.shards) == 12
+    assert len(encode.shards) == 6
     path = shard_path(tmp_path)
     delete(path) if how is None else damage(path, how)
     with pytest.warns(UserWarning, match=rf"latent cache shard {re.escape(str(path))} {problem}; encoding it again"):
@@ -209,7 +209,7 @@ def test_a_killed_latent_encode_resumes_from_its_finished_shards_and_never_reads
         warnings.simplefilter("error")
         assert torch.equal(encode(), clean)
     assert "train-00000.safetensors" not in encode.shards and "train-00001.safetensors" not in encode.shards
-    assert len(encode.shards) == 10 and not debris.exists()
+    assert len(encode.shards) == 4 and not debris.exists()
 
 
 def test_the_cache_key_covers_the_vae_the_data_files_and_the_mode(trained_vae, tmp_path):
