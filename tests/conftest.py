@@ -13,6 +13,15 @@ from stagediff.pipelines.registry import parse_run_config
 from helpers import tiny_vae_config
 
 
+def pytest_collection_modifyitems(items):
+    """Files with `slow` tests run first (a stable sort: each file's tests stay together and in
+    order). pytest-xdist hands whole files to its workers in this order (`--dist loadfile`), so
+    the long ones start early and the short ones even out the end, rather than one worker finishing
+    a minute-long file while the other core idles."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)
+
+
 @pytest.fixture(autouse=True)
 def fresh_accelerator_state():
     """Accelerate keeps process-wide state (e.g. mixed precision); each test starts clean."""

@@ -46,6 +46,7 @@ def tiny_run(tmp_path):
     return path
 
 
+@pytest.mark.slow
 def test_the_benchmark_runs_end_to_end_and_writes_its_report(tiny_run, tmp_path, capsys):
     out = tmp_path / "report.json"
     threads = torch.get_num_threads()

@@ -14,6 +14,7 @@ from helpers import tiny_vae_config
 
 
 @pytest.mark.numerics
+@pytest.mark.slow
 def test_toy_gan_alternates_two_optimizers_and_learns_the_ring(tmp_path):
     raw = tiny_vae_config(tmp_path / "run")
     raw["data"] = {"source": "toy", "toy": "ring8", "toy_samples": 4000}

@@ -341,6 +341,7 @@ def test_evaluate_sr_compares_bicubic_regression_and_samples(sr_run, tmp_path, c
     assert "| bicubic |" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_documented_sr_config_is_faithful_to_its_inputs(tmp_path):
     """configs/mnist_sr.yaml's SR stage, its recipe on the embedded digits: its outputs, downsampled
     again, match the 8x8 inputs of 50 held-out digits to > 25 dB on average (ε-prediction: 13 dB

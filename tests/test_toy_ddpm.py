@@ -13,6 +13,7 @@ from stagediff.pipelines.stages.ddpm import DDPMStage
 
 
 @pytest.mark.numerics
+@pytest.mark.slow
 def test_ring8_ddpm_covers_every_mode_with_high_quality(tmp_path):
     # 1,000 steps of a 3-layer MLP, about 20 s on one core: 8 of 8 modes and 77.8% high-quality
     # samples under the avx2 and default kernel sets alike (2,000 steps: 95.0%).
