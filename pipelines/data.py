@@ -369,12 +369,19 @@ def _mnist_arrays() -> tuple[np.ndarray, np.ndarray]:
 
 
 def load_mnist(cfg: DataConfig) -> LabelledSamples:
-    pixels, digit_labels = _mnist_arrays()
-    digits = torch.from_numpy(pixels.astype(np.uint8)).reshape(-1, 28, 28)
-    padded = torch.nn.functional.pad(digits, (MNIST_PADDING,) * 4)
-    images = torch.stack([preprocess(Image.fromarray(digit.numpy()), cfg) for digit in padded])
-    labels = torch.tensor(digit_labels, dtype=torch.long)
+    images = _mnist_images(cfg.resolution, cfg.channels, cfg.center_crop)
+    labels = torch.tensor(_mnist_arrays()[1], dtype=torch.long)
     return LabelledSamples(InMemoryDataset(images, labels), labels, 10)
+
+
+@functools.lru_cache(maxsize=4)
+def _mnist_images(resolution: int, channels: int, center_crop: bool) -> Tensor:
+    """The embedded digits, padded and preprocessed (about 1 s for the 5,000): once per process and
+    size. Every later load shares the tensor, which nothing writes to (batches are copies)."""
+    cfg = DataConfig(resolution=resolution, channels=channels, center_crop=center_crop)
+    digits = torch.from_numpy(_mnist_arrays()[0].astype(np.uint8)).reshape(-1, 28, 28)
+    padded = torch.nn.functional.pad(digits, (MNIST_PADDING,) * 4)
+    return torch.stack([preprocess(Image.fromarray(digit.numpy()), cfg) for digit in padded])
 
 
 def load_toy(cfg: DataConfig) -> LabelledSamples:
