@@ -60,6 +60,12 @@ def resolve_mixed_precision(requested: str, cpu: bool) -> str:
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
+# Training keys that leave a stage's weights and metrics as they are (previews and evaluation run
+# under a forked RNG): changing them does not make a finished stage train again.
+BOOKKEEPING_KEYS = ("resume_from_checkpoint", "log_every", "sample_every", "checkpointing_steps",
+                    "checkpoints_total_limit")
+
+
 def stage_fingerprint(config: RunConfig, stage_name: str) -> str:
     """Hash of everything that determines a stage's outputs: its own block, the data, the seed,
     and the stages before it (their outputs are its inputs). Keys at their default values are left
@@ -67,7 +73,8 @@ def stage_fingerprint(config: RunConfig, stage_name: str) -> str:
     everything = non_default_values(config)
     upstream = _upstream(everything, stage_name)
     for stage in upstream:  # how far to train is part of the outputs; where to resume from is not
-        stage.get("training", {}).pop("resume_from_checkpoint", None)
+        for key in BOOKKEEPING_KEYS:
+            stage.get("training", {}).pop(key, None)
     relevant = {"seed": everything.get("seed"), "data": everything.get("data"), "stages": upstream,
                 "mixed_precision": everything.get("mixed_precision")}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()

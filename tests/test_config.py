@@ -90,6 +90,20 @@ def test_fingerprint_ignores_keys_at_their_defaults(tmp_path):
     assert stage_fingerprint(parse_run_config(raw), "vae") != plain
 
 
+def test_fingerprint_ignores_previews_logging_and_checkpoints(tmp_path):
+    """How often a stage previews, logs or checkpoints changes none of its outputs: a finished
+    demo's VAE is reused after `sample_every` changes; how far it trains is part of its outputs."""
+    from stagediff.pipelines.run import stage_fingerprint
+
+    raw = tiny_vae_config(tmp_path)
+    plain = stage_fingerprint(parse_run_config(raw), "vae")
+    raw["stages"][0]["training"].update(sample_every=7, log_every=3, checkpointing_steps=5,
+                                        checkpoints_total_limit=4, resume_from_checkpoint="latest")
+    assert stage_fingerprint(parse_run_config(raw), "vae") == plain
+    raw["stages"][0]["training"]["max_steps"] += 1
+    assert stage_fingerprint(parse_run_config(raw), "vae") != plain
+
+
 def test_a_folder_saved_before_a_schema_key_existed_is_the_same_run(tmp_path):
     from stagediff.pipelines.run import other_runs
 
