@@ -103,7 +103,7 @@ def model_card(folder: Path, stage_name: str, repo_id: str, license_id: str | No
         "## Pipeline\n\n" + _stages_table(config["stages"][: names.index(stage_name) + 1])
         + f"\n\nThis repository holds stage `{stage_name}`:\n\n" + "\n".join(_components(folder)),
         *[f"## Samples\n\n![{p.name}]({p.name})" for p in sorted(folder.glob("*.png"))],
-        "## Usage\n\n" + _usage(folder, repo_id, stage_kind, space),
+        "## Usage\n\n" + _usage(folder, repo_id, stage, space),
         _metrics(folder),
         "## Training\n\nThe resolved run config (`config.yaml` in this repository; `stagediff train --config "
         "config.yaml output_dir=...` retrains it):\n\n<details><summary>config.yaml</summary>\n\n"
@@ -131,13 +131,14 @@ def _components(folder: Path) -> list[str]:
     return lines
 
 
-def _usage(folder: Path, repo_id: str, stage_kind, space: str) -> str:
+def _usage(folder: Path, repo_id: str, stage: dict, space: str) -> str:
     """Two snippets: the networks through `from_pretrained` (the pipeline, when the folder is one),
-    then what the stage kind says of sampling it with stagediff."""
+    then what the stage kind says of sampling it with stagediff (`stage`: its raw block)."""
+    stage_kind = get_stage_kind(stage["kind"])
     if (folder / "model_index.json").is_file():
         pipeline = json.loads((folder / "model_index.json").read_text())["_class_name"]
         load = [_imports([pipeline]), "", f'pipe = {pipeline}.from_pretrained("{repo_id}")',
-                *stage_kind.card_pipeline_lines(folder)]
+                *stage_kind.card_pipeline_lines(folder, stage)]
     else:
         classes = component_classes(folder)
         load = [_imports(classes.values()), "",

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from diffusers import AutoencoderKL, DDPMScheduler
 from diffusers.models.unets.unet_2d import UNet2DOutput
 from diffusers.utils.torch_utils import randn_tensor
@@ -238,6 +239,13 @@ def test_the_model_cards_snippet_draws_a_class(stage_dir, tmp_path):
     scope = {}
     exec(load.replace("someone/two-classes", str(tmp_path / "up")), scope)
     assert sum(np.asarray(image).mean() > 127.5 for image in scope["images"]) >= 14  # measured 16 of 16
+
+
+def test_the_model_cards_snippet_uses_the_stages_guidance_scale(stage_dir, tmp_path):
+    """The card shows the w the stage was evaluated at (the run's `guidance_scale`), not a constant."""
+    block = yaml.safe_load((stage_dir / "config.yaml").read_text())["stages"][0]
+    block["model"]["guidance_scale"] = 1.75
+    assert "class_labels=1, guidance_scale=1.75)" in DDPMStage.card_pipeline_lines(stage_dir, block)[0]
 
 
 # --------------------------------------------------------------------------------- errors

@@ -174,8 +174,9 @@ class Stage(abc.ABC):
         return [cls.hub_tag]
 
     @classmethod
-    def card_pipeline_lines(cls, stage_dir: Path) -> tuple[str, ...]:
-        """The model card's lines that call the exported pipeline of `stage_dir`."""
+    def card_pipeline_lines(cls, stage_dir: Path, block: dict) -> tuple[str, ...]:
+        """The model card's lines that call the exported pipeline of `stage_dir` (`block`: the
+        stage's raw block of the run config)."""
         return cls.card_pipeline_call
 
     @classmethod

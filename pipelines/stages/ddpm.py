@@ -265,14 +265,16 @@ class DDPMStage(DataSpaceStage):
         return class_count(UNet2DModel.load_config(stage_dir / "unet"))
 
     @classmethod
-    def card_pipeline_lines(cls, stage_dir: Path) -> tuple[str, ...]:
+    def card_pipeline_lines(cls, stage_dir: Path, block: dict) -> tuple[str, ...]:
         classes = cls.num_classes(stage_dir)
         if classes is None:
             return cls.card_pipeline_call
         label = min(3, classes - 1)
-        return (f"images = pipe(batch_size=16, class_labels={label}, guidance_scale=3.0).images  # of class {label}",
+        evaluated = cls.model_config(**(block.get("model") or {})).guidance_scale
+        return (f"images = pipe(batch_size=16, class_labels={label}, guidance_scale={evaluated}).images  "
+                f"# of class {label}",
                 f"# class_labels: 0..{classes - 1}, one int or one per image (default: balanced classes); "
-                "guidance_scale=1.0: no guidance")
+                "guidance_scale: the stage's evaluated w, 1.0: no guidance, larger: closer to the class, less varied")
 
     @classmethod
     def likelihood(cls, metrics: dict, space: str) -> Likelihood:
