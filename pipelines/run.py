@@ -72,7 +72,7 @@ def stage_fingerprint(config: RunConfig, stage_name: str) -> str:
     out, so a new schema key (with a default that keeps the old behaviour) does not retrain old runs."""
     everything = non_default_values(config)
     upstream = _upstream(everything, stage_name)
-    for stage in upstream:  # how far to train is part of the outputs; where to resume from is not
+    for stage in upstream:  # how far to train is part of the outputs; bookkeeping is not
         for key in BOOKKEEPING_KEYS:
             stage.get("training", {}).pop(key, None)
     relevant = {"seed": everything.get("seed"), "data": everything.get("data"), "stages": upstream,
