@@ -165,9 +165,20 @@ def _require(ok: bool, key: str, value: Any, valid: str) -> None:
 
 
 def load_config(path: str | Path, overrides: list[str], kinds: StageKinds) -> RunConfig:
-    """Read a YAML run config, apply `key.sub=value` overrides, validate it against the schema
-    with the stage kinds `kinds`."""
+    """Read a YAML run config, take the stages it names `from:` other configs, apply `key.sub=value`
+    overrides, validate it against the schema with the stage kinds `kinds`."""
     path = Path(path)
+    raw = _read_mapping(path)
+    _take_stages_from(raw, path, chain=(path.resolve(),))
+    for override in overrides:
+        apply_override(raw, override)
+    try:
+        return parse_run_config(raw, kinds)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+def _read_mapping(path: Path) -> dict:
     try:
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError:
@@ -177,12 +188,45 @@ def load_config(path: str | Path, overrides: list[str], kinds: StageKinds) -> Ru
     raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of run keys at the top level, got {type(raw).__name__}")
-    for override in overrides:
-        apply_override(raw, override)
-    try:
-        return parse_run_config(raw, kinds)
-    except ConfigError as err:
-        raise ConfigError(f"{path}: {err}") from None
+    return raw
+
+
+def _take_stages_from(raw: dict, path: Path, chain: tuple[Path, ...]) -> None:
+    """Replace each stage entry with `from: FILE` or `from: FILE#STAGE` by that config's stage
+    (STAGE, else the entry's own name), with the entry's other keys merged over it (mappings key
+    by key, any other value replaced). FILE is relative to the config that names it. Configs
+    that share an output_dir share a stage this way without copying its block, and the same
+    block is the same fingerprint: the finished stage is reused, not retrained."""
+    stages = raw.get("stages")
+    for index, entry in enumerate(stages if isinstance(stages, list) else []):
+        if not isinstance(entry, dict) or "from" not in entry:
+            continue
+        where = f"{path}: stages[{index}].from"
+        reference = entry["from"]
+        file_name, _, stage_name = reference.partition("#") if isinstance(reference, str) else ("", "", "")
+        if not file_name:
+            raise ConfigError(f"{where}: {reference!r} is not valid; expected FILE or FILE#STAGE, FILE a config "
+                              f"relative to {path.parent}")
+        stage_name = stage_name or entry.get("name")
+        if not isinstance(stage_name, str):
+            raise ConfigError(f"{where}: {reference!r} names no stage; write FILE#STAGE or give the entry a `name`")
+        source = (path.parent / file_name).resolve()
+        if source in chain:
+            cycle = " -> ".join(str(p) for p in (*chain, source))
+            raise ConfigError(f"{where}: {reference!r} takes stages from itself: {cycle}")
+        source_raw = _read_mapping(source)
+        _take_stages_from(source_raw, source, (*chain, source))
+        found = [s for s in source_raw.get("stages") or [] if isinstance(s, dict) and s.get("name") == stage_name]
+        if not found:
+            names = [s.get("name") for s in source_raw.get("stages") or [] if isinstance(s, dict)]
+            raise ConfigError(f"{where}: {source} has no stage named {stage_name!r}; its stages are {names}")
+        stages[index] = _merged(found[0], {key: value for key, value in entry.items() if key != "from"})
+
+
+def _merged(base: Any, own: Any) -> Any:
+    if not (isinstance(base, dict) and isinstance(own, dict)):
+        return own
+    return {**base, **{key: _merged(base.get(key), value) for key, value in own.items()}}
 
 
 def parse_run_config(raw: dict, kinds: StageKinds) -> RunConfig:

@@ -61,6 +61,37 @@ def test_overrides_keep_types_and_address_stages_by_name(tmp_path):
         load_config(path, ["stages.vae.training.max_step=1"])
 
 
+def test_a_stage_from_another_config_is_that_stage_with_the_entry_merged_over_it(tmp_path):
+    base = tiny_vae_config(tmp_path)
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "base.yaml").write_text(yaml.safe_dump(base))
+    taker = {**base, "stages": [
+        {"name": "vae", "from": "shared/base.yaml"},  # relative to the config that names it
+        {"name": "vae_wide", "from": "shared/base.yaml#vae", "model": {"latent_channels": 2},
+         "training": {"max_steps": 5}},
+    ]}
+    config = load_config(write(tmp_path, taker))
+    original = parse_run_config(base).stage("vae")
+    assert config.stage("vae") == original
+    wide = config.stage("vae_wide")
+    assert (wide.model.latent_channels, wide.training.max_steps) == (2, 5)
+    assert wide.model.block_out_channels == original.model.block_out_channels  # kept from the base
+    assert wide.training.batch_size == original.training.batch_size
+
+
+@pytest.mark.parametrize("reference, message", [
+    ("missing.yaml", r"missing\.yaml: config file not found"),
+    ("base.yaml#unet", r"run\.yaml: stages\[0\]\.from: .*base\.yaml has no stage named 'unet'; its stages are \['vae'\]"),
+    ("#vae", r"run\.yaml: stages\[0\]\.from: '#vae' is not valid; expected FILE or FILE#STAGE"),
+    ("run.yaml", r"run\.yaml: stages\[0\]\.from: 'run\.yaml' takes stages from itself"),
+])
+def test_a_stage_from_a_missing_file_or_stage_names_it(tmp_path, reference, message):
+    base = tiny_vae_config(tmp_path)
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, {**base, "stages": [{"name": "vae", "from": reference}]}))
+
+
 def test_saved_config_loads_back_equal(tmp_path):
     config = parse_run_config(tiny_vae_config(tmp_path))
     save_config(config, tmp_path / "saved.yaml")
