@@ -214,8 +214,11 @@ def _take_stages_from(raw: dict, path: Path, chain: tuple[Path, ...]) -> None:
         if source in chain:
             cycle = " -> ".join(str(p) for p in (*chain, source))
             raise ConfigError(f"{where}: {reference!r} takes stages from itself: {cycle}")
-        source_raw = _read_mapping(source)
-        _take_stages_from(source_raw, source, (*chain, source))
+        try:
+            source_raw = _read_mapping(source)
+            _take_stages_from(source_raw, source, (*chain, source))
+        except ConfigError as err:  # say which entry led there
+            raise ConfigError(f"{where}: {err}") from None
         found = [s for s in source_raw.get("stages") or [] if isinstance(s, dict) and s.get("name") == stage_name]
         if not found:
             names = [s.get("name") for s in source_raw.get("stages") or [] if isinstance(s, dict)]

@@ -80,7 +80,7 @@ def test_a_stage_from_another_config_is_that_stage_with_the_entry_merged_over_it
 
 
 @pytest.mark.parametrize("reference, message", [
-    ("missing.yaml", r"missing\.yaml: config file not found"),
+    ("missing.yaml", r"run\.yaml: stages\[0\]\.from: .*missing\.yaml: config file not found"),
     ("base.yaml#unet", r"run\.yaml: stages\[0\]\.from: .*base\.yaml has no stage named 'unet'; its stages are \['vae'\]"),
     ("#vae", r"run\.yaml: stages\[0\]\.from: '#vae' is not valid; expected FILE or FILE#STAGE"),
     ("run.yaml", r"run\.yaml: stages\[0\]\.from: 'run\.yaml' takes stages from itself"),
